@@ -1,0 +1,1 @@
+"""Pipelines of querycache's build pipeline."""

@@ -1,0 +1,222 @@
+"""The build pipeline: query logs -> head -> results -> a published snapshot.
+
+    summary = build(BuildOptions(logs=["logs/*.jsonl"], out="/data/qc"), beam_args=["--runner=FnApiRunner"])
+
+``build_pipeline`` is the data path of the design, one named composite transform per arrow;
+``build`` is the driver around it: checks, staging directory, fidelity gate, publish, summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.pvalue import AsList, AsSingleton
+
+from inference.engine import Engine, EngineConfig
+from pipelines.checks import BuildError, check_logs, fidelity_gate, previous_snapshot
+from store.format import FORMAT_NAME, FORMAT_VERSION, read_manifest
+from store.keys import KEY_FUNCTION
+from store.publish import new_snapshot_id, new_staging, publish
+from store.writer import save_manifest, write_manifest
+from transforms.count import CountQueries
+from transforms.infer import ReuseOrInfer
+from transforms.normalize import NormalizeQueries
+from transforms.read_logs import ReadQueryLogs
+from transforms.records import LogFields
+from transforms.select_head import SelectHead
+from transforms.selection import Selection
+from transforms.stats import BY_VALUE, COUNT, MERGE, SUM, GatherStats
+from transforms.write_snapshot import WriteDeadLetters, WriteSnapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything a build needs besides the Beam runner options."""
+
+    logs: tuple[str, ...]
+    out: str
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    fields: LogFields = field(default_factory=LogFields)
+    selection: Selection = field(default_factory=Selection)
+    min_users: int | None = None
+    scrub_pii: bool = True
+    max_query_chars: int = 512
+    shards: int = 1
+    reuse: bool = True
+    store_dtype: str = "float32"
+    fidelity_sample: int = 256
+    min_cosine: float = 0.999
+    min_agreement: float = 0.99
+    max_prob_diff: float = 0.01
+
+
+def build_pipeline(
+    p: beam.Pipeline,
+    options: BuildOptions,
+    engine: Engine,
+    schema: dict,
+    staging: str,
+    manifest: dict,
+    previous: str | None,
+) -> None:
+    """The data path of ../shared/DESIGN.md, one composite transform per arrow."""
+    template = engine.config.template if engine.config.task == "fill-mask" else None
+    records, unreadable, lines = p | "ReadQueryLogs" >> ReadQueryLogs(list(options.logs), options.fields)
+    keys, invalid = records | "NormalizeQueries" >> NormalizeQueries(options.max_query_chars, template)
+    counts = keys | "CountQueries" >> CountQueries(users=options.fields.user is not None)
+    head, plan, dropped = counts | "SelectHead" >> SelectHead(options.selection, options.min_users, options.scrub_pii)
+    rows, reused, inference, unanswered = head | "ReuseOrInfer" >> ReuseOrInfer(
+        engine.config, engine.fingerprint, schema, previous
+    )
+    shards = rows | "WriteSnapshot" >> WriteSnapshot(staging, options.shards, schema)
+    rejected = (unreadable, invalid) | "DeadLetters" >> beam.Flatten()
+    dead_files = rejected | "WriteDeadLetters" >> WriteDeadLetters(staging)
+    stats = {
+        "lines_read": lines,
+        "accepted": keys,
+        "distinct_queries": counts,
+        "rows": rows,
+        "reused": reused,
+        "rejected_by_reason": rejected | "Reasons" >> beam.Map(lambda r: r["reason"]),
+        "dropped_for_privacy": dropped,
+        "unanswered": unanswered,
+        "inference": inference,
+    } | "GatherStats" >> GatherStats(
+        {
+            "lines_read": SUM,
+            "accepted": COUNT,
+            "distinct_queries": COUNT,
+            "rows": COUNT,
+            "reused": COUNT,
+            "rejected_by_reason": BY_VALUE,
+            "dropped_for_privacy": BY_VALUE,
+            "unanswered": BY_VALUE,
+            "inference": MERGE,
+        }
+    )
+    _ = (
+        p
+        | "Start" >> beam.Create([staging])
+        | "WriteManifest"
+        >> beam.Map(
+            _finalize,
+            manifest,
+            shards=AsList(shards),
+            dead_files=AsList(dead_files),
+            stats=AsSingleton(stats),
+            plan=AsSingleton(plan),
+        )
+    )
+
+
+def _finalize(staging: str, manifest: dict, shards: list, dead_files: list, stats: dict, plan: dict) -> None:
+    rejected_files = {rel: meta for info in dead_files for rel, meta in info.items()}
+    inference = stats.pop("inference") or {}
+    rows = stats.pop("rows")
+    stats |= {
+        "rejected": sum(stats["rejected_by_reason"].values()),
+        "accepted_traffic": plan["total_traffic"],
+        "head_size": plan["head_size"],
+        "head_traffic": plan["head_traffic"],
+        "traffic_covered": plan["head_traffic"] / plan["total_traffic"] if plan["total_traffic"] else 0.0,
+        "computed": rows - stats["reused"],
+        "inference": inference
+        | {"queries_per_second": inference["queries"] / inference["seconds"] if inference.get("seconds") else 0.0},
+    }
+    selection = {
+        **plan["selection"],
+        "threshold": plan["threshold"],
+        "take_at_threshold": plan["take_at_threshold"],
+        "ties": "smallest UTF-8 key bytes first",
+        "rank": "1 + head queries with a greater count",
+    }
+    write_manifest(
+        staging,
+        {**manifest, "stats": stats, "selection": selection, "rejected": sorted(rejected_files)},
+        shards,
+        rejected_files,
+    )
+
+
+def build(options: BuildOptions, beam_args: list[str]) -> dict:
+    """Run a build and publish its snapshot; return the summary. Raises BuildError for user mistakes."""
+    started = time.perf_counter()
+    check_logs(options.logs, options.fields)
+    engine = Engine(options.engine)
+    log.info("model %s: %s, fingerprint %s", engine.model_dir, engine.settings, engine.fingerprint[:16])
+    schema = engine.schema | ({"encoding": options.store_dtype} if engine.config.task == "embed" else {})
+    previous = previous_snapshot(options.out, engine.fingerprint, schema) if options.reuse else None
+    snapshot_id = new_snapshot_id()
+    staging = new_staging(options.out, snapshot_id)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "snapshot_id": snapshot_id,
+        "created": dt.datetime.now(dt.UTC).isoformat(),
+        "key_function": KEY_FUNCTION,
+        "task": engine.config.task,
+        "result": schema,
+        "model": engine.describe(),
+        "reused_from": previous and read_manifest(previous)["snapshot_id"],
+        "build": _build_options(options),
+    }
+    try:
+        with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
+            build_pipeline(p, options, engine, schema, str(staging), manifest, previous and str(previous))
+        manifest = read_manifest(staging)
+        if manifest["stats"]["accepted"] == 0:
+            reasons = manifest["stats"]["rejected_by_reason"]
+            top = max(reasons, key=reasons.get) if reasons else "none"
+            raise BuildError(
+                f"no query in {', '.join(options.logs)} was accepted (most rejections: {top}); "
+                "check --format and --query-field"
+            )
+        manifest["fidelity"] = fidelity_gate(staging, engine, options)
+        save_manifest(staging, manifest)
+        snapshot_id = publish(options.out, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return summary(manifest, time.perf_counter() - started)
+
+
+def _build_options(options: BuildOptions) -> dict:
+    out = dataclasses.asdict(options)
+    for name in ("since", "until"):
+        if out["fields"][name] is not None:
+            out["fields"][name] = out["fields"][name].isoformat()
+    return out
+
+
+def summary(manifest: dict, seconds: float) -> dict:
+    """The build summary of the design (the ``--json`` output of ``querycache build``)."""
+    stats = manifest["stats"]
+    keys = (
+        "lines_read",
+        "accepted",
+        "rejected",
+        "rejected_by_reason",
+        "distinct_queries",
+        "head_size",
+        "traffic_covered",
+        "dropped_for_privacy",
+        "reused",
+        "computed",
+    )
+    return {
+        "snapshot_id": manifest["snapshot_id"],
+        **{k: stats[k] for k in keys},
+        "inference_queries_per_second": round(stats["inference"]["queries_per_second"], 1),
+        "fidelity": manifest.get("fidelity"),
+        "model_fingerprint": manifest["model"]["fingerprint"],
+        "seconds": round(seconds, 2),
+    }

@@ -1,0 +1,1 @@
+"""The ``querycache`` command line and runner presets."""

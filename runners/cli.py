@@ -1,0 +1,404 @@
+"""``querycache``: build, inspect, look up and manage snapshots. Thin commands over the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+import numpy as np
+
+from store import Snapshot, SnapshotError, gc, list_snapshots, normalize, rollback
+from store.format import check_files, read_manifest
+from store.publish import resolve
+
+log = logging.getLogger("querycache")
+
+
+class UserError(click.ClickException):
+    """A user mistake: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("apache_beam", "absl", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:  # Beam warns about apitools from the root logger on import
+        handler.addFilter(lambda record: not record.getMessage().startswith("apitools not found"))
+
+
+def _jsonable(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, default=_jsonable, ensure_ascii=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Precompute BERT answers for the head of your query logs and serve them from disk.
+
+    \b
+    Example:
+      querycache build --logs 'examples/logs/*.jsonl' --out /tmp/qc
+      querycache lookup /tmp/qc "cheap flights to paris"
+    """
+
+
+def _fraction(ctx, param, value):
+    if value is not None and not 0 < value <= 1:
+        raise click.BadParameter(f"{value} is outside (0, 1]; for example --coverage 0.8")
+    return value
+
+
+def _iso(ctx, param, value):
+    if value is None:
+        return None
+    from transforms.records import parse_time
+
+    try:
+        return parse_time(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not ISO 8601; for example 2026-11-01T00:00:00Z") from None
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.option(
+    "--logs", "logs", multiple=True, required=True, help="Log files: a path or glob on any Beam filesystem; repeatable."
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Snapshot root (CURRENT and snapshots/ live here)."
+)
+@click.option("--model", type=click.Path(), help="Local model directory (default: the shipped all-MiniLM-L6-v2).")
+@click.option("--task", type=click.Choice(["embed", "fill-mask", "classify"]), default="embed", show_default=True)
+@click.option(
+    "--template", default="{query} [MASK]", show_default=True, help="Fill-mask input; [MASK] is the model's mask token."
+)
+@click.option(
+    "--fill-top-k", default=5, show_default=True, type=click.IntRange(1, 1000), help="Fill-mask predictions per mask."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "text", "jsonl", "csv", "tsv", "parquet"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--query-field", default="query", show_default=True)
+@click.option("--count-field", help="Field holding a positive integer weight per record.")
+@click.option("--user-field", help="Field identifying the user (for --min-users).")
+@click.option("--time-field", help="Field holding an ISO 8601 time or epoch seconds (for --since/--until).")
+@click.option("--since", callback=_iso, help="Keep records at or after this ISO 8601 time.")
+@click.option("--until", callback=_iso, help="Keep records before this ISO 8601 time.")
+@click.option("--top-k", type=click.IntRange(1), help="Keep the K most frequent queries.")
+@click.option("--min-count", type=click.IntRange(1), help="Keep queries seen at least N times (default 1).")
+@click.option(
+    "--coverage", type=float, callback=_fraction, help="Keep the fewest queries covering this fraction of traffic."
+)
+@click.option("--min-users", type=click.IntRange(1), help="Keep queries issued by at least K distinct users.")
+@click.option(
+    "--scrub-pii/--no-scrub-pii",
+    default=True,
+    show_default=True,
+    help="Drop queries with e-mails, phones, cards, IPs, long digit runs.",
+)
+@click.option("--max-query-chars", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--pooling",
+    type=click.Choice(["mean", "cls", "max"]),
+    help="Embedding pooling (default: the model's own, else mean).",
+)
+@click.option(
+    "--normalize/--no-normalize",
+    "normalize_embeddings",
+    default=None,
+    help="L2-normalise embeddings (default: the model's own).",
+)
+@click.option("--max-length", type=click.IntRange(2), help="Token limit per query (default: the model's).")
+@click.option(
+    "--token-budget", type=click.IntRange(16), help="Padded tokens per batch (default: 1024 on CPU, 16384 on GPU)."
+)
+@click.option("--store-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option(
+    "--shards", default=1, show_default=True, type=click.IntRange(1), help="LMDB/Parquet shards, written in parallel."
+)
+@click.option(
+    "--reuse",
+    type=click.Choice(["auto", "off"]),
+    default="auto",
+    show_default=True,
+    help="Copy results of the current snapshot of the same model version.",
+)
+@click.option("--fidelity-sample", default=256, show_default=True, type=click.IntRange(0))
+@click.option("--min-cosine", default=0.999, show_default=True, help="Fidelity gate for embeddings.")
+@click.option("--min-agreement", default=0.99, show_default=True, help="Fidelity gate for fill-mask top-1.")
+@click.option("--max-prob-diff", default=0.01, show_default=True, help="Fidelity gate for classification.")
+@click.option(
+    "--runner",
+    default="direct",
+    show_default=True,
+    help="direct, multiprocess, portable, flink, spark, dataflow, or a Beam runner.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@click.argument("beam_options", nargs=-1, type=click.UNPROCESSED)
+def build(**kw: Any) -> None:
+    """Build a snapshot from query logs and publish it.
+
+    \b
+    Example:
+      querycache build --logs 'logs/2026-11-*.jsonl.gz' --out /data/qc --top-k 100000
+      querycache build --logs q.csv --query-field q --out /data/qc --runner multiprocess -- --direct_num_workers=4
+    """
+    _setup_logging(kw["quiet"])
+    picked = [name for name in ("top_k", "min_count", "coverage") if kw[name] is not None]
+    if len(picked) > 1:
+        raise UserError(
+            f"choose one of --top-k, --min-count, --coverage (got {', '.join('--' + p.replace('_', '-') for p in picked)})"
+        )
+    if kw["min_users"] and not kw["user_field"]:
+        raise UserError("--min-users needs --user-field, the field that identifies users")
+    if (kw["since"] or kw["until"]) and not kw["time_field"]:
+        raise UserError("--since/--until need --time-field, the field that holds the record time")
+    from inference.engine import EngineConfig
+    from inference.model import ModelError
+    from pipelines.build import BuildOptions
+    from pipelines.build import build as run_build
+    from pipelines.checks import BuildError
+    from runners.presets import beam_args
+    from transforms.records import LogFields
+    from transforms.selection import Selection
+
+    mode = picked[0] if picked else "min_count"
+    options = BuildOptions(
+        logs=tuple(kw["logs"]),
+        out=kw["out"],
+        engine=EngineConfig(
+            model_dir=kw["model"],
+            task=kw["task"],
+            dtype=kw["dtype"],
+            device=kw["device"],
+            pooling=kw["pooling"],
+            normalize=kw["normalize_embeddings"],
+            max_length=kw["max_length"],
+            template=kw["template"],
+            top_k=kw["fill_top_k"],
+            token_budget=kw["token_budget"],
+        ),
+        fields=LogFields(
+            format=kw["fmt"],
+            query=kw["query_field"],
+            count=kw["count_field"],
+            user=kw["user_field"],
+            time=kw["time_field"],
+            since=kw["since"],
+            until=kw["until"],
+        ),
+        selection=Selection(mode, kw[mode] if picked else 1),
+        min_users=kw["min_users"],
+        scrub_pii=kw["scrub_pii"],
+        max_query_chars=kw["max_query_chars"],
+        shards=kw["shards"],
+        reuse=kw["reuse"] == "auto",
+        store_dtype=kw["store_dtype"],
+        fidelity_sample=kw["fidelity_sample"],
+        min_cosine=kw["min_cosine"],
+        min_agreement=kw["min_agreement"],
+        max_prob_diff=kw["max_prob_diff"],
+    )
+    try:
+        summary = run_build(options, beam_args(kw["runner"], list(kw["beam_options"])))
+    except (BuildError, ModelError, SnapshotError) as err:
+        raise UserError(str(err)) from None
+    if kw["as_json"]:
+        _echo_json(summary)
+    else:
+        _print_summary(summary)
+
+
+def _print_summary(s: dict) -> None:
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["rejected_by_reason"].items())) or "none"
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(s["dropped_for_privacy"].items())) or "none"
+    click.echo(
+        f"snapshot {s['snapshot_id']} published in {s['seconds']:.1f}s\n"
+        f"  lines read        {s['lines_read']} = accepted {s['accepted']} + rejected {s['rejected']} ({reasons})\n"
+        f"  distinct queries  {s['distinct_queries']}\n"
+        f"  head              {s['head_size']} queries covering {s['traffic_covered']:.1%} of traffic\n"
+        f"  privacy drops     {dropped}\n"
+        f"  results           {s['computed']} computed ({s['inference_queries_per_second']:.0f} queries/s), {s['reused']} reused\n"
+        f"  fidelity          {s['fidelity']}"
+    )
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def inspect(path: str, as_json: bool) -> None:
+    """Show a snapshot's manifest and statistics.
+
+    \b
+    Example:
+      querycache inspect /data/qc
+    """
+    manifest = _manifest(path)
+    if as_json:
+        _echo_json(manifest)
+        return
+    stats, model = manifest["stats"], manifest["model"]
+    click.echo(
+        f"snapshot   {manifest['snapshot_id']} ({manifest['created']})\n"
+        f"task       {manifest['task']}  result {manifest['result']}\n"
+        f"model      {model['fingerprint']}  {model.get('architecture')} {model.get('dtype')} "
+        f"from {model.get('model_dir')}\n"
+        f"keys       {manifest['key_function']['name']} v{manifest['key_function']['version']}\n"
+        f"rows       {manifest['rows']} in {manifest['lmdb']['shards']} shard(s)\n"
+        f"selection  {manifest['selection']}\n"
+        f"logs       {stats['lines_read']} lines, {stats['accepted']} accepted, {stats['rejected']} rejected "
+        f"{stats['rejected_by_reason']}\n"
+        f"head       {stats['head_size']} of {stats['distinct_queries']} distinct, "
+        f"{stats['traffic_covered']:.1%} of traffic; privacy drops {stats['dropped_for_privacy']}\n"
+        f"results    {stats['computed']} computed, {stats['reused']} reused; fidelity {manifest.get('fidelity')}"
+    )
+
+
+def _manifest(path: str) -> dict:
+    try:
+        return read_manifest(resolve(path))
+    except SnapshotError as err:
+        raise UserError(str(err)) from None
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.argument("queries", nargs=-1, required=True)
+def lookup(path: str, queries: tuple[str, ...]) -> None:
+    """Look queries up; print one JSON object per query.
+
+    \b
+    Example:
+      querycache lookup /data/qc "Cheap Flights to Paris" "weather berlin"
+    """
+    try:
+        snap = Snapshot.open(path)
+    except SnapshotError as err:
+        raise UserError(str(err)) from None
+    with snap:
+        for query in queries:
+            result = snap.get(query)
+            _echo_json({"query": query, "key": normalize(query), "hit": result is not None, "result": result})
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+def verify(path: str) -> None:
+    """Check the manifest and every file's sha256; exit 1 naming what failed.
+
+    \b
+    Example:
+      querycache verify /data/qc && echo intact
+    """
+    try:
+        directory = resolve(path)
+        problems = check_files(directory, read_manifest(directory), checksums=True)
+    except SnapshotError as err:
+        problems, directory = [str(err)], path
+    for problem in problems:
+        click.echo(f"FAILED {problem}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"OK {directory}")
+
+
+@main.command("list")
+@click.argument("root", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+def list_(root: str, as_json: bool) -> None:
+    """List the snapshots of a root, oldest first; * marks the current one.
+
+    \b
+    Example:
+      querycache list /data/qc
+    """
+    snapshots = list_snapshots(root)
+    if as_json:
+        _echo_json(snapshots)
+        return
+    for s in snapshots:
+        mark = "*" if s["current"] else " "
+        detail = f"{s['rows']:>9} rows  {s['task']:<9} {s['fingerprint'][:12]}" if s["ok"] else s["error"]
+        click.echo(f"{mark} {s['id']}  {detail}")
+
+
+@main.command("rollback")
+@click.argument("root", type=click.Path())
+@click.argument("snapshot_id", required=False)
+def rollback_(root: str, snapshot_id: str | None) -> None:
+    """Point CURRENT at SNAPSHOT_ID, or at the snapshot before the current one.
+
+    \b
+    Example:
+      querycache rollback /data/qc
+    """
+    try:
+        click.echo(f"CURRENT -> {rollback(root, snapshot_id)}")
+    except SnapshotError as err:
+        raise UserError(str(err)) from None
+
+
+@main.command("gc")
+@click.argument("root", type=click.Path())
+@click.option("--keep", required=True, type=click.IntRange(1), help="Snapshots to keep, the current one included.")
+def gc_(root: str, keep: int) -> None:
+    """Delete old snapshots, keeping the current one and the newest others.
+
+    \b
+    Example:
+      querycache gc /data/qc --keep 3
+    """
+    for snapshot_id in gc(root, keep):
+        click.echo(f"deleted {snapshot_id}")
+
+
+@main.command("model-info")
+@click.argument("model_dir", type=click.Path(), required=False)
+@click.option("--json", "as_json", is_flag=True)
+def model_info(model_dir: str | None, as_json: bool) -> None:
+    """Which tasks a model directory supports, its heads, pooling and fingerprints.
+
+    \b
+    Example:
+      querycache model-info ./models/my-bert
+    """
+    _setup_logging(True)
+    from inference.engine import describe_model
+    from inference.model import ModelError
+
+    try:
+        info = describe_model(model_dir)
+    except ModelError as err:
+        raise UserError(str(err)) from None
+    if as_json:
+        _echo_json(info)
+        return
+    click.echo(f"model  {info['model_dir']}")
+    for task, t in info["tasks"].items():
+        click.echo(
+            f"  {task:<10} "
+            + (f"ok  fingerprint {t['fingerprint']}  {t['settings']}" if t["ok"] else f"no  {t['error']}")
+        )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

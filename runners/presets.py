@@ -1,0 +1,32 @@
+"""Runner presets: ``--runner NAME`` expands to Beam pipeline options; anything after ``--`` is appended.
+
+querycache build ... --runner multiprocess
+querycache build ... --runner dataflow -- --project=p --region=us-central1 --temp_location=gs://b/tmp
+"""
+
+from __future__ import annotations
+
+import os
+
+PRESETS: dict[str, list[str]] = {
+    # In-process portable runner: what the DirectRunner falls back to, pinned so it never fetches Prism.
+    "direct": ["--runner=FnApiRunner"],
+    # Several worker processes on this machine: one model copy per process.
+    "multiprocess": [
+        "--runner=DirectRunner",
+        "--direct_running_mode=multi_processing",
+        f"--direct_num_workers={os.cpu_count() or 2}",
+    ],
+    # A Beam job service (Flink, Spark or Beam's own): add --job_endpoint=HOST:PORT after --.
+    "portable": ["--runner=PortableRunner", "--environment_type=LOOPBACK"],
+    "flink": ["--runner=FlinkRunner"],
+    "spark": ["--runner=SparkRunner"],
+    # Needs --project, --region, --temp_location, and usually --sdk_container_image with torch.
+    "dataflow": ["--runner=DataflowRunner", "--experiments=use_runner_v2"],
+}
+
+
+def beam_args(runner: str, extra: list[str]) -> list[str]:
+    """Pipeline options for a preset name (or any Beam runner name) plus extra options."""
+    base = PRESETS.get(runner.lower(), [f"--runner={runner}"])
+    return [*base, *extra]

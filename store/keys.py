@@ -1,0 +1,61 @@
+"""The key function: one normalisation of query text, shared by the pipeline and every reader.
+
+    >>> normalize("  Cheap\u3000FLIGHTS to  Paris ")
+    'cheap flights to paris'
+
+Rules, applied in order (version 1):
+
+1. Lone surrogates are dropped (they cannot be encoded), Unicode NFKC is applied
+   (full-width and compatibility forms fold to their plain forms).
+2. Case folding (``str.casefold``), then NFKC again, since folding can leave text that NFKC changes.
+3. Control characters (category Cc: tabs, newlines, NUL) become spaces; format characters
+   (category Cf: zero-width spaces and joiners, bidi marks) are removed.
+4. Runs of whitespace collapse to one ASCII space; leading and trailing whitespace is trimmed.
+
+The function is total on ``str`` and idempotent. Keys are stored as UTF-8 bytes; a key longer
+than LMDB's 511-byte limit is stored as ``b"\\x00" + sha256(utf8)``, which no normalised key can
+start with (NUL is a control character).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+
+KEY_FUNCTION = {"name": "nfkc-casefold-collapse", "version": 1}
+"""Name and version of :func:`normalize`, recorded in every manifest."""
+
+SUPPORTED_KEY_VERSIONS = frozenset({1})
+MAX_KEY_BYTES = 511
+
+
+_ASCII_CONTROLS = {c: " " for c in [*range(32), 127]}
+
+
+def _one_pass(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text)
+    text = unicodedata.normalize("NFKC", text.casefold())
+    kept = (" " if unicodedata.category(ch) == "Cc" else ch for ch in text if unicodedata.category(ch) != "Cf")
+    return " ".join("".join(kept).split())
+
+
+def normalize(query: str) -> str:
+    """Return the cache key of ``query`` (see the module docstring for the rules)."""
+    if query.isascii():  # fast path, same result: NFKC is the identity on ASCII and has no Cf
+        return " ".join(query.lower().translate(_ASCII_CONTROLS).split())
+    key = _one_pass(query.encode("utf-8", "ignore").decode("utf-8"))
+    # Folding and NFKC interact for a handful of code points; iterate to the fixed point.
+    for _ in range(3):
+        again = _one_pass(key)
+        if again == key:
+            break
+        key = again
+    return key
+
+
+def key_bytes(key: str) -> bytes:
+    """Encode a normalised key as it is stored in LMDB."""
+    raw = key.encode("utf-8")
+    if len(raw) > MAX_KEY_BYTES:
+        return b"\x00" + hashlib.sha256(raw).digest()
+    return raw

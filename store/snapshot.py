@@ -1,0 +1,152 @@
+"""Read a published snapshot: memory-mapped LMDB lookups by normalised key.
+
+    snap = Snapshot.open("/data/qc")          # a root (follows CURRENT) or one snapshot directory
+    snap.get("Cheap Flights  to Paris")       # the result, or None
+    snap.manifest["model"]["fingerprint"]
+
+Needs lmdb, pyarrow and numpy only. Environments are opened read-only without locks and shared
+by every ``Snapshot`` over the same files in a process (py-lmdb refuses a second open); each thread
+keeps one long-lived read transaction, so a lookup does no setup. After ``os.fork`` the child reopens.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pyarrow.parquet as pq
+
+from store.format import SnapshotError, check_files, decode_value, lmdb_shard_path, read_manifest, shard_of
+from store.keys import key_bytes, normalize
+from store.publish import resolve
+
+_envs: dict[str, list] = {}  # real path -> [environment, users]
+_envs_lock = threading.Lock()
+_verified: set[tuple[str, str]] = set()  # (real path, snapshot id) whose checksums held in this process
+_open_snapshots: weakref.WeakSet = weakref.WeakSet()
+
+
+def _acquire(path: str) -> lmdb.Environment:
+    with _envs_lock:
+        entry = _envs.get(path)
+        if entry is None:
+            env = lmdb.open(path, readonly=True, lock=False, subdir=True, readahead=False, max_readers=1024)
+            entry = _envs[path] = [env, 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _release(path: str) -> None:
+    with _envs_lock:
+        entry = _envs.get(path)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del _envs[path]
+                entry[0].close()
+
+
+def _after_fork_in_child() -> None:
+    _envs.clear()  # the parent's handles must not be used here; drop them without closing
+    for snap in list(_open_snapshots):
+        snap._attach()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Snapshot:
+    """One immutable snapshot, opened for lookups. Use :meth:`open`."""
+
+    def __init__(self, directory: Path, manifest: dict):
+        self.directory = directory
+        self.manifest = manifest
+        self.id: str = manifest["snapshot_id"]
+        self._schema = manifest["result"]
+        self._shards = manifest["lmdb"]["shards"]
+        self._paths = [os.path.realpath(directory / lmdb_shard_path(i, self._shards)) for i in range(self._shards)]
+        self._closed = False
+        self._attach()
+        _open_snapshots.add(self)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, verify: bool = True) -> Snapshot:
+        """Open ``path``: a root holding ``CURRENT``, or one snapshot directory.
+
+        The manifest is validated and every data file's size checked; with ``verify`` (the default)
+        every sha256 too, once per snapshot and process. Raises :class:`SnapshotError` if anything fails.
+        """
+        directory = resolve(path)
+        manifest = read_manifest(directory)
+        seen = (os.path.realpath(directory), manifest["snapshot_id"])
+        problems = check_files(directory, manifest, checksums=verify and seen not in _verified)
+        if problems:
+            raise SnapshotError(f"snapshot {directory} is corrupt: " + "; ".join(problems))
+        if verify:
+            _verified.add(seen)
+        return cls(directory, manifest)
+
+    def _attach(self) -> None:
+        self._envs = [_acquire(p) for p in self._paths]
+        self._local = threading.local()
+
+    def _txns(self) -> list[lmdb.Transaction]:
+        try:
+            return self._local.txns
+        except AttributeError:
+            if self._closed:
+                raise SnapshotError(f"snapshot {self.id} is closed") from None
+            self._local.txns = [env.begin(buffers=False) for env in self._envs]
+            return self._local.txns
+
+    def get_raw(self, key: str) -> bytes | None:
+        """Encoded value stored for a normalised ``key``, or None."""
+        raw = key_bytes(key)
+        return self._txns()[shard_of(raw, self._shards)].get(raw)
+
+    def get_key(self, key: str) -> Any:
+        """Result for an already normalised ``key``, or None."""
+        raw = self.get_raw(key)
+        return None if raw is None else decode_value(raw, self._schema)
+
+    def get(self, query: str) -> Any:
+        """Result for ``query`` (normalised here with the snapshot's key function), or None."""
+        return self.get_key(normalize(query))
+
+    def get_many(self, queries: Iterable[str]) -> list[Any]:
+        """Results for several queries, None where absent."""
+        return [self.get_key(normalize(q)) for q in queries]
+
+    def __contains__(self, query: str) -> bool:
+        return self.get_raw(normalize(query)) is not None
+
+    def __len__(self) -> int:
+        return int(self.manifest["rows"])
+
+    def __iter__(self) -> Iterator[str]:
+        """Every key, shard by shard (read from the Parquet files)."""
+        for rel in self.manifest["parquet"]:
+            yield from pq.read_table(self.directory / rel, columns=["key"]).column("key").to_pylist()
+
+    def close(self) -> None:
+        """Release the environments (shared ones stay open while another Snapshot uses them)."""
+        if not self._closed:
+            self._closed = True
+            self._local = threading.local()
+            _open_snapshots.discard(self)
+            for path in self._paths:
+                _release(path)
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Snapshot({str(self.directory)!r}, rows={len(self)}, task={self.manifest['task']!r})"

@@ -1,0 +1,116 @@
+"""Write one shard of a snapshot: an LMDB environment and a Parquet file of the same rows.
+
+    info = write_shard(staging_dir, index=0, shards=1, rows=rows, schema={"encoding": "float32", "dim": 384})
+
+A row is ``(key, count, users, rank, value)`` with ``value`` already encoded (see ``store.format``).
+Shards are independent, so a distributed build writes them in parallel; the manifest lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from store.format import EMBED_DTYPES, MANIFEST, decode_value, lmdb_shard_path, parquet_shard_path, sha256_file
+from store.keys import key_bytes
+
+Row = tuple[str, int, "int | None", int, bytes]
+
+
+def write_shard(directory: str | os.PathLike, index: int, shards: int, rows: Iterable[Row], schema: dict) -> dict:
+    """Write shard ``index`` of ``shards`` under ``directory``; return its file list and row count."""
+    rows = sorted(rows, key=lambda row: key_bytes(row[0]))
+    lmdb_rel, parquet_rel = lmdb_shard_path(index, shards), parquet_shard_path(index, shards)
+    _write_lmdb(Path(directory) / lmdb_rel, [(key_bytes(r[0]), r[4]) for r in rows])
+    _write_parquet(Path(directory) / parquet_rel, rows, schema)
+    files = [f"{lmdb_rel}/data.mdb", parquet_rel]
+    return {
+        "rows": len(rows),
+        "files": {
+            rel: {"sha256": sha256_file(Path(directory) / rel), "bytes": (Path(directory) / rel).stat().st_size}
+            for rel in files
+        },
+    }
+
+
+def _map_size(pairs: list[tuple[bytes, bytes]]) -> int:
+    # Leaf entries plus page overhead; values over ~2 KB live on whole overflow pages.
+    need = sum(len(k) + len(v) + 16 if len(v) < 2000 else len(k) + 4096 * (len(v) // 4096 + 1) for k, v in pairs)
+    return max(1 << 20, int(need * 1.6) + (1 << 20))
+
+
+def _write_lmdb(path: Path, pairs: list[tuple[bytes, bytes]]) -> None:
+    """One write transaction of sorted keys with ``append=True``; the map grows on demand."""
+    path.mkdir(parents=True, exist_ok=True)
+    map_size = _map_size(pairs)
+    while True:
+        env = lmdb.open(
+            str(path), map_size=map_size, subdir=True, lock=False, sync=False, metasync=False, readahead=False
+        )
+        try:
+            with env.begin(write=True) as txn:
+                added, _ = txn.cursor().putmulti(pairs, dupdata=False, overwrite=True, append=True)
+            if added != len(pairs):
+                raise ValueError(f"{path}: duplicate keys in shard ({len(pairs) - added} not added)")
+            env.sync(True)
+            return
+        except lmdb.MapFullError:
+            map_size *= 2
+        finally:
+            env.close()
+        for name in ("data.mdb", "lock.mdb"):
+            (path / name).unlink(missing_ok=True)
+
+
+def _write_parquet(path: Path, rows: list[Row], schema: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = {
+        "key": pa.array([r[0] for r in rows], pa.string()),
+        "count": pa.array([r[1] for r in rows], pa.int64()),
+        "users": pa.array([r[2] for r in rows], pa.int64()),
+        "rank": pa.array([r[3] for r in rows], pa.int64()),
+    }
+    values = [decode_value(r[4], schema) for r in rows]
+    if schema["encoding"] in EMBED_DTYPES:
+        flat = np.concatenate(values) if values else np.zeros(0, EMBED_DTYPES[schema["encoding"]])
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(flat), schema["dim"])
+    elif schema.get("labels") is not None:
+        columns["label"] = pa.array([v["label"] for v in values], pa.string())
+        columns["scores"] = pa.array(
+            [[v["scores"][lab] for lab in schema["labels"]] for v in values], pa.list_(pa.float32())
+        )
+    else:
+        prediction = pa.struct([("token", pa.string()), ("score", pa.float32())])
+        columns["predictions"] = pa.array(values, pa.list_(pa.list_(prediction)))
+    pq.write_table(pa.table(columns), path, compression="zstd")
+
+
+def write_manifest(
+    directory: str | os.PathLike, manifest: dict, shards: list[dict], extra_files: dict | None = None
+) -> dict:
+    """Complete ``manifest`` with the shards' files and row count and write ``manifest.json``."""
+    shards = sorted(shards, key=lambda s: s["index"])
+    files = {rel: meta for s in shards for rel, meta in s["files"].items()} | (extra_files or {})
+    manifest = {
+        **manifest,
+        "rows": sum(s["rows"] for s in shards),
+        "lmdb": {"shards": len(shards), "shard_of": "crc32(key bytes) % shards"},
+        "parquet": [parquet_shard_path(s["index"], len(shards)) for s in shards],
+        "files": dict(sorted(files.items())),
+    }
+    save_manifest(directory, manifest)
+    return manifest
+
+
+def save_manifest(directory: str | os.PathLike, manifest: dict) -> None:
+    """Write ``manifest.json`` atomically (staging directories only: published ones are immutable)."""
+    tmp = Path(directory) / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    os.replace(tmp, Path(directory) / MANIFEST)

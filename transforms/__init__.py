@@ -1,0 +1,1 @@
+"""Transforms of querycache's build pipeline."""

@@ -1,0 +1,165 @@
+"""ReuseOrInfer and RunBert: head rows -> rows with encoded results.
+
+RunBert owns the lifecycle only: the engine (model, batching, post-processing) is loaded once per
+worker process in ``setup`` through ``shared.Shared``, never pickled with the DoFn; rows are
+buffered into large batches that the engine sorts by length and cuts by token budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils import shared
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
+
+from inference.engine import Engine, EngineConfig
+from store.format import encode_value
+from store.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+REUSED, STATS, UNANSWERED = "reused", "stats", "unanswered"
+_engines = shared.Shared()
+
+
+class _Reuse(beam.DoFn):
+    """Copy the stored value from the previous snapshot, or pass the row on to inference."""
+
+    def __init__(self, previous: str):
+        self.previous = previous
+
+    def setup(self):
+        self.snapshot = Snapshot.open(self.previous, verify=False)
+
+    def process(self, row):
+        raw = self.snapshot.get_raw(row[0])
+        if raw is None:
+            yield row
+        else:
+            yield beam.pvalue.TaggedOutput(REUSED, (*row, raw))
+
+    def teardown(self):
+        self.snapshot.close()
+
+
+class _EngineHolder:
+    """Weak-referenceable box for ``shared.Shared``."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+
+class RunBert(beam.DoFn):
+    """Run the engine over buffered rows; emit ``(key, count, users, rank, value)`` and stats dicts."""
+
+    def __init__(self, config: EngineConfig, fingerprint: str, schema: dict, max_batch: int = 4096):
+        self.config, self.fingerprint, self.schema, self.max_batch = config, fingerprint, schema, max_batch
+        self.queries = Metrics.counter("querycache", "queries")
+        self.tokens = Metrics.counter("querycache", "real_tokens")
+        self.padded = Metrics.counter("querycache", "padded_tokens")
+        self.batches = Metrics.counter("querycache", "batches")
+        self.truncated = Metrics.counter("querycache", "truncated")
+        self.latency = Metrics.distribution("querycache", "batch_latency_ms")
+
+    def setup(self):
+        start = time.perf_counter()
+        self.engine = _engines.acquire(lambda: _EngineHolder(Engine(self.config)), tag=self.fingerprint).engine
+        if self.engine.fingerprint != self.fingerprint:
+            raise RuntimeError(
+                f"worker loaded model version {self.engine.fingerprint}, the build expects "
+                f"{self.fingerprint}: the model files differ between driver and worker"
+            )
+        log.info("model ready in %.1fs (%s on %s)", time.perf_counter() - start, self.engine.dtype, self.engine.device)
+        self.done, self.started, self.last_log = 0, time.perf_counter(), 0.0
+
+    def start_bundle(self):
+        self.buffer = []
+
+    def process(self, row):
+        self.buffer.append(row)
+        if len(self.buffer) >= self.max_batch:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        for out in self._flush():
+            if isinstance(out, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, MIN_TIMESTAMP, [GlobalWindow()]))
+            else:
+                yield WindowedValue(out, MIN_TIMESTAMP, [GlobalWindow()])
+
+    def _flush(self):
+        rows, self.buffer = self.buffer, []
+        if not rows:
+            return
+        results, stats = self.engine.run([row[0] for row in rows])
+        for row, result in zip(rows, results):
+            if result is None:
+                yield beam.pvalue.TaggedOutput(UNANSWERED, "mask_truncated")
+            else:
+                yield (*row, encode_value(result, self.schema))
+        self._count(stats)
+        yield beam.pvalue.TaggedOutput(
+            STATS,
+            {
+                "queries": stats.queries,
+                "tokens": stats.tokens,
+                "padded_tokens": stats.padded_tokens,
+                "batches": stats.batches,
+                "truncated": stats.truncated,
+                "seconds": stats.seconds,
+            },
+        )
+
+    def _count(self, stats) -> None:
+        self.queries.inc(stats.queries)
+        self.tokens.inc(stats.tokens)
+        self.padded.inc(stats.padded_tokens)
+        self.batches.inc(stats.batches)
+        self.truncated.inc(stats.truncated)
+        self.latency.update(int(stats.seconds * 1000 / max(stats.batches, 1)))
+        self.done += stats.queries
+        now = time.perf_counter()
+        if now - self.last_log > 10:
+            self.last_log = now
+            log.info("inferred %d queries in this worker (%.0f queries/s)", self.done, self.done / (now - self.started))
+
+
+def sum_dicts(dicts) -> dict:
+    total: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+class ReuseOrInfer(beam.PTransform):
+    """``head | ReuseOrInfer(config, fingerprint, schema, previous)`` -> ``(rows, reused, stats, unanswered)``.
+
+    With ``previous`` (a snapshot of the same model version) stored values are copied;
+    the rest go through :class:`RunBert`.
+    """
+
+    def __init__(self, config: EngineConfig, fingerprint: str, schema: dict, previous: str | None = None):
+        super().__init__()
+        self.config, self.fingerprint, self.schema, self.previous = config, fingerprint, schema, previous
+
+    def expand(self, head):
+        to_infer, reused = head, head.pipeline | "NothingReused" >> beam.Create([])
+        if self.previous:
+            split = head | "Reuse" >> beam.ParDo(_Reuse(self.previous)).with_outputs(REUSED, main="infer")
+            to_infer, reused = split.infer, split[REUSED]
+        inferred = (
+            to_infer
+            | "Spread" >> beam.Reshuffle()
+            | "RunBert"
+            >> beam.ParDo(RunBert(self.config, self.fingerprint, self.schema)).with_outputs(
+                STATS, UNANSWERED, main="rows"
+            )
+        )
+        rows = (inferred.rows, reused) | "AllResults" >> beam.Flatten()
+        stats = inferred[STATS] | "InferenceStats" >> beam.CombineGlobally(sum_dicts)
+        return rows, reused, stats, inferred[UNANSWERED]

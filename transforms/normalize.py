@@ -1,0 +1,57 @@
+"""NormalizeQueries: records -> (key, weight, user) under the store's key function; bad queries to dead letters."""
+
+from __future__ import annotations
+
+import re
+
+import apache_beam as beam
+
+from inference.template import has_mask
+from store.keys import normalize
+from transforms.records import rejection
+
+REJECTED = "rejected"
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x80-\x9f]")  # C0/C1 controls except tab
+
+
+def check_query(query: str, max_chars: int, template: str | None = None) -> tuple[str | None, str | None]:
+    """``(key, None)`` for a usable query, ``(None, reason)`` otherwise."""
+    if _CONTROL.search(query):
+        return None, "control_characters"
+    if len(query) > max_chars:
+        return None, "too_long"
+    key = normalize(query)
+    if not key:
+        return None, "empty_query"
+    if template is not None and not has_mask(template, key):
+        return None, "no_mask"
+    return key, None
+
+
+class _Normalize(beam.DoFn):
+    def __init__(self, max_chars: int, template: str | None):
+        self.max_chars, self.template = max_chars, template
+
+    def process(self, record):
+        query, weight, user, source, line = record
+        key, reason = check_query(query, self.max_chars, self.template)
+        if reason:
+            yield beam.pvalue.TaggedOutput(REJECTED, rejection(source, line, reason, query))
+        else:
+            yield key, weight, user
+
+
+class NormalizeQueries(beam.PTransform):
+    """``records | NormalizeQueries(512)`` -> ``(keys, rejected)``.
+
+    Rejects queries with control characters, longer than ``max_chars`` (dropped, never truncated),
+    empty once normalised, or (fill-mask, with ``template``) without a mask position.
+    """
+
+    def __init__(self, max_chars: int = 512, template: str | None = None):
+        super().__init__()
+        self.max_chars, self.template = max_chars, template
+
+    def expand(self, records):
+        out = records | beam.ParDo(_Normalize(self.max_chars, self.template)).with_outputs(REJECTED, main="keys")
+        return out.keys, out[REJECTED]

@@ -1,0 +1,50 @@
+"""PII scrub of normalised keys: e-mail, payment card (Luhn), IP address, phone number, long digit run."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
+_IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
+_IPV6 = re.compile(r"(?<![\w:])[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?![\w:])")
+_PHONE = re.compile(r"(?<!\w)\+?(?:\d[ ().-]{0,2}){6,14}\d(?!\w)")
+_DIGIT_RUN = re.compile(r"\d{9,}")
+
+
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def pii_reason(key: str) -> str | None:
+    """Why ``key`` looks personal (``email``, ``card``, ``ip``, ``phone``, ``digit_run``), or None."""
+    if "@" in key and _EMAIL.search(key):
+        return "email"
+    if not any(ch.isdigit() or ch == ":" for ch in key):
+        return None
+    for match in _CARD.finditer(key):
+        digits = re.sub(r"\D", "", match.group())
+        if 13 <= len(digits) <= 19 and luhn_valid(digits):
+            return "card"
+    if any(_is_ip(m.group()) for m in _IPV4.finditer(key)) or any(_is_ip(m.group()) for m in _IPV6.finditer(key)):
+        return "ip"
+    if _PHONE.search(key):
+        return "phone"
+    if _DIGIT_RUN.search(key):
+        return "digit_run"
+    return None

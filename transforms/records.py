@@ -1,0 +1,192 @@
+"""Parse query-log records from files: plain text, JSONL, CSV, TSV and Parquet. No Beam here.
+
+A parsed line is either a record ``(query, weight, user, source, line)`` or a rejection
+``{"source", "line", "reason", "excerpt"}``; every line read yields exactly one of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+FORMATS = ("text", "jsonl", "csv", "tsv", "parquet")
+_EXTENSIONS = {
+    ".txt": "text",
+    ".log": "text",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+_COMPRESSED = (".gz", ".bz2")
+EXCERPT_CHARS = 200
+
+Record = tuple[str, int, "str | None", str, int]
+
+
+@dataclass(frozen=True)
+class LogFields:
+    """How to read records: format and the names of the fields that matter."""
+
+    format: str = "auto"
+    query: str = "query"
+    count: str | None = None
+    user: str | None = None
+    time: str | None = None
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+
+
+def format_of(path: str, requested: str = "auto") -> str:
+    """The format of ``path``: ``requested``, or by extension (after .gz/.bz2) for ``auto``; text otherwise."""
+    if requested != "auto":
+        return requested
+    name = path.lower()
+    for suffix in _COMPRESSED:
+        name = name.removesuffix(suffix)
+    return next((fmt for ext, fmt in _EXTENSIONS.items() if name.endswith(ext)), "text")
+
+
+def parse_time(value: Any) -> dt.datetime:
+    """ISO 8601 text (naive means UTC) or epoch seconds; raises ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int | float):
+        return dt.datetime.fromtimestamp(value, dt.UTC)
+    stamp = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value).strip())
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.UTC)
+
+
+def _weight(value: Any) -> int:
+    """A positive integer count; text is accepted when it is all digits (CSV, TSV)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(value)
+    return value
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _record(row: dict, fields: LogFields) -> tuple[str, int, str | None]:
+    """Pull (query, weight, user) out of a mapping, or raise _Reject."""
+    if fields.query not in row or row[fields.query] is None:
+        raise _Reject("missing_query")
+    query = row[fields.query]
+    if not isinstance(query, str):
+        raise _Reject("query_not_string")
+    weight = 1
+    if fields.count:
+        try:
+            weight = _weight(row.get(fields.count))
+        except (ValueError, TypeError):
+            raise _Reject("bad_count") from None
+    user = None
+    if fields.user:
+        user = row.get(fields.user)
+        if user is None or str(user).strip() == "":
+            raise _Reject("missing_user")
+        user = str(user)
+    if fields.time:
+        try:
+            stamp = parse_time(row.get(fields.time))
+        except (ValueError, TypeError, OverflowError, OSError):
+            raise _Reject("bad_timestamp") from None
+        if (fields.since and stamp < fields.since) or (fields.until and stamp >= fields.until):
+            raise _Reject("outside_time_window")
+    return query, weight, user
+
+
+def rejection(source: str, line: int, reason: str, excerpt: Any) -> dict:
+    text = excerpt.decode("utf-8", "replace") if isinstance(excerpt, bytes) else str(excerpt)
+    return {"source": source, "line": line, "reason": reason, "excerpt": text[:EXCERPT_CHARS]}
+
+
+def parse_stream(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict]:
+    """Records and rejections of one file, in order; ``line`` counts from 1 (data rows for CSV/TSV)."""
+    fmt = format_of(source, fields.format)
+    if fmt == "parquet":
+        yield from _parse_parquet(source, stream, fields)
+        return
+    header: list[str] | None = None
+    number = 0
+    for raw in iter(stream.readline, b""):
+        raw = raw.rstrip(b"\r\n")
+        if fmt in ("csv", "tsv") and header is None:
+            header = next(csv.reader([raw.decode("utf-8", "replace")], delimiter="\t" if fmt == "tsv" else ","))
+            continue
+        number += 1
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield rejection(source, number, "invalid_utf8", raw)
+            continue
+        try:
+            if fmt == "text":
+                query, weight, user = text, 1, None
+            elif fmt == "jsonl":
+                query, weight, user = _record(_json_object(text), fields)
+            else:
+                query, weight, user = _record(_csv_row(text, header, "\t" if fmt == "tsv" else ","), fields)
+        except _Reject as rej:
+            yield rejection(source, number, rej.reason, text)
+            continue
+        yield query, weight, user, source, number
+
+
+def _json_object(text: str) -> dict:
+    try:
+        row = json.loads(text)
+    except ValueError:
+        raise _Reject("malformed_json") from None
+    if not isinstance(row, dict):
+        raise _Reject("malformed_json")
+    return row
+
+
+def _csv_row(text: str, header: list[str], delimiter: str) -> dict:
+    try:
+        cells = next(csv.reader([text], delimiter=delimiter, strict=True), [])
+    except csv.Error:
+        raise _Reject("malformed_row") from None
+    if len(cells) != len(header):
+        raise _Reject("malformed_row")
+    return dict(zip(header, cells))
+
+
+def _parse_parquet(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict]:
+    import pyarrow.parquet as pq
+
+    number = 0
+    for batch in pq.ParquetFile(stream).iter_batches(batch_size=8192):
+        for row in batch.to_pylist():
+            number += 1
+            try:
+                query, weight, user = _record(row, fields)
+            except _Reject as rej:
+                yield rejection(source, number, rej.reason, json.dumps(row, default=str, ensure_ascii=False))
+                continue
+            yield query, weight, user, source, number
+
+
+def columns_of(source: str, stream: IO[bytes], fields: LogFields) -> list[str] | None:
+    """Column names of a CSV, TSV or Parquet file (None for text and JSONL), for up-front checks."""
+    fmt = format_of(source, fields.format)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(stream).schema_arrow.names
+    if fmt in ("csv", "tsv"):
+        first = stream.readline().rstrip(b"\r\n").decode("utf-8", "replace")
+        return next(csv.reader([first], delimiter="\t" if fmt == "tsv" else ","), [])
+    return None

@@ -1,0 +1,105 @@
+"""SelectHead: (key, count, users) -> the head, ranked, after the privacy filters.
+
+Thresholds come from a global histogram of counts (one small dict); the rows are then filtered
+in parallel. No step gathers all distinct queries on one worker: only the queries tied at the
+threshold pass through a bounded combiner that keeps the ones with the smallest keys.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.pvalue import AsSingleton
+
+from store.keys import key_bytes
+from transforms.privacy import pii_reason
+from transforms.selection import Selection, plan_head
+
+DROPPED = "dropped"
+
+
+class _Screen(beam.DoFn):
+    def __init__(self, min_users: int | None, scrub_pii: bool):
+        self.min_users, self.scrub_pii = min_users, scrub_pii
+
+    def process(self, row):
+        reason = pii_reason(row[0]) if self.scrub_pii else None
+        if reason is None and self.min_users and (row[2] or 0) < self.min_users:
+            reason = "min_users"
+        if reason:
+            yield beam.pvalue.TaggedOutput(DROPPED, reason)
+        else:
+            yield row
+
+
+class SmallestKeys(beam.CombineFn):
+    """Keep the ``quota`` rows with the smallest key bytes; elements are ``(quota, row)``."""
+
+    def create_accumulator(self):
+        return 0, []
+
+    def add_input(self, acc, element):
+        quota, rows = acc[0] or element[0], acc[1]
+        rows.append(element[1])
+        return self._trim(quota, rows) if len(rows) > 2 * quota else (quota, rows)
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        quota = max(a[0] for a in accs)
+        return self._trim(quota, [row for a in accs for row in a[1]])
+
+    def extract_output(self, acc):
+        return self._trim(*acc)[1]
+
+    @staticmethod
+    def _trim(quota, rows):
+        rows.sort(key=lambda row: key_bytes(row[0]))
+        return quota, rows[:quota]
+
+
+def _above(row, plan) -> bool:
+    threshold = plan["threshold"]
+    return threshold is not None and (row[1] > threshold or (row[1] == threshold and plan["take_at_threshold"] is None))
+
+
+def _tied(row, plan) -> bool:
+    return row[1] == plan["threshold"] and plan["take_at_threshold"] is not None
+
+
+class SelectHead(beam.PTransform):
+    """``counts | SelectHead(Selection("top_k", 1000), min_users=5)`` -> ``(head, plan, dropped)``.
+
+    ``head`` rows are ``(key, count, users, rank)``; ``plan`` is the singleton of
+    :func:`transforms.selection.plan_head`; ``dropped`` holds one privacy reason per dropped query.
+    """
+
+    def __init__(self, selection: Selection, min_users: int | None = None, scrub_pii: bool = True):
+        super().__init__()
+        self.selection, self.min_users, self.scrub_pii = selection, min_users, scrub_pii
+
+    def expand(self, counts):
+        screened = counts | "Privacy" >> beam.ParDo(_Screen(self.min_users, self.scrub_pii)).with_outputs(
+            DROPPED, main="eligible"
+        )
+        eligible = screened.eligible
+        total = counts | "Traffic" >> beam.Map(lambda row: row[1]) | "SumTraffic" >> beam.CombineGlobally(sum)
+        plan = (
+            eligible
+            | "Counts" >> beam.Map(lambda row: row[1])
+            | "Histogram" >> beam.combiners.Count.PerElement()
+            | "ToDict" >> beam.combiners.ToDict()
+            | "Plan" >> beam.Map(plan_head, total_traffic=AsSingleton(total), selection=self.selection)
+        )
+        above = eligible | "AboveThreshold" >> beam.Filter(_above, plan=AsSingleton(plan))
+        tied = (
+            eligible
+            | "AtThreshold" >> beam.Filter(_tied, plan=AsSingleton(plan))
+            | "Quota" >> beam.Map(lambda row, plan: (plan["take_at_threshold"], row), plan=AsSingleton(plan))
+            | "SmallestKeys" >> beam.CombineGlobally(SmallestKeys())
+            | "Unpack" >> beam.FlatMap(lambda rows: rows)
+        )
+        head = (
+            (above, tied)
+            | "Head" >> beam.Flatten()
+            | "Rank" >> beam.Map(lambda row, plan: (*row, plan["ranks"][row[1]]), plan=AsSingleton(plan))
+        )
+        return head, plan, screened[DROPPED]
