@@ -138,15 +138,14 @@ class Engine:
         """Results in input order and the counters of this call."""
         start = time.perf_counter()
         stats = BatchStats(queries=len(queries))
-        encoded = self.tokenizer(
-            self._texts(queries),
-            truncation=True,
-            max_length=self.max_length,
-            return_overflowing_tokens=False,
-            return_length=True,
-        )
-        ids = encoded["input_ids"]
-        stats.truncated = sum(1 for n in encoded["length"] if n >= self.max_length)
+        texts = self._texts(queries)
+        ids = self.tokenizer(texts, truncation=False)["input_ids"]
+        long = [i for i, x in enumerate(ids) if len(x) > self.max_length]
+        if long:  # rare: re-encode just these with the model's own truncation
+            cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=self.max_length)["input_ids"]
+            for i, x in zip(long, cut):
+                ids[i] = x
+        stats.truncated = len(long)
         results: list[Any] = [None] * len(ids)
         for batch in token_budget_batches([len(x) for x in ids], self.token_budget):
             padded = self.tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt")
@@ -188,10 +187,8 @@ class Engine:
         positions = inputs["input_ids"] == self.tokenizer.mask_token_id
         base = self.model.base_model(**inputs).last_hidden_state
         head = getattr(self.model, "cls", None) or getattr(self.model, "lm_head", None)
-        if head is not None:  # project to the vocabulary at mask positions only
-            logits = head(base[positions])
-        else:
-            logits = self.model(**inputs).logits[positions]
+        # Project to the vocabulary at mask positions only, where the head is known.
+        logits = head(base[positions]) if head is not None else self.model(**inputs).logits[positions]
         top = torch.softmax(logits.float(), dim=-1).topk(self.config.top_k, dim=-1)
         tokens = [self.tokenizer.convert_ids_to_tokens(row) for row in top.indices.cpu().tolist()]
         scores = top.values.cpu().tolist()

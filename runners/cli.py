@@ -166,7 +166,9 @@ def build(**kw: Any) -> None:
     picked = [name for name in ("top_k", "min_count", "coverage") if kw[name] is not None]
     if len(picked) > 1:
         raise UserError(
-            f"choose one of --top-k, --min-count, --coverage (got {', '.join('--' + p.replace('_', '-') for p in picked)})"
+            "choose one of --top-k, --min-count, --coverage (got "
+            + ", ".join("--" + p.replace("_", "-") for p in picked)
+            + ")"
         )
     if kw["min_users"] and not kw["user_field"]:
         raise UserError("--min-users needs --user-field, the field that identifies users")
@@ -237,7 +239,8 @@ def _print_summary(s: dict) -> None:
         f"  distinct queries  {s['distinct_queries']}\n"
         f"  head              {s['head_size']} queries covering {s['traffic_covered']:.1%} of traffic\n"
         f"  privacy drops     {dropped}\n"
-        f"  results           {s['computed']} computed ({s['inference_queries_per_second']:.0f} queries/s), {s['reused']} reused\n"
+        f"  results           {s['computed']} computed ({s['inference_queries_per_second']:.0f} queries/s), "
+        f"{s['reused']} reused\n"
         f"  fidelity          {s['fidelity']}"
     )
 

@@ -123,7 +123,7 @@ def parse_stream(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[
     for raw in iter(stream.readline, b""):
         raw = raw.rstrip(b"\r\n")
         if fmt in ("csv", "tsv") and header is None:
-            header = next(csv.reader([raw.decode("utf-8", "replace")], delimiter="\t" if fmt == "tsv" else ","))
+            header = _cells(raw.decode("utf-8", "replace"), "\t" if fmt == "tsv" else ",") or []
             continue
         number += 1
         try:
@@ -154,12 +154,17 @@ def _json_object(text: str) -> dict:
     return row
 
 
-def _csv_row(text: str, header: list[str], delimiter: str) -> dict:
+def _cells(text: str, delimiter: str) -> list[str] | None:
+    """The cells of one CSV/TSV line, or None when it does not parse."""
     try:
-        cells = next(csv.reader([text], delimiter=delimiter, strict=True), [])
+        return next(csv.reader([text], delimiter=delimiter, strict=True), [])
     except csv.Error:
-        raise _Reject("malformed_row") from None
-    if len(cells) != len(header):
+        return None
+
+
+def _csv_row(text: str, header: list[str], delimiter: str) -> dict:
+    cells = _cells(text, delimiter)
+    if cells is None or len(cells) != len(header):
         raise _Reject("malformed_row")
     return dict(zip(header, cells))
 
@@ -188,5 +193,5 @@ def columns_of(source: str, stream: IO[bytes], fields: LogFields) -> list[str] |
         return pq.ParquetFile(stream).schema_arrow.names
     if fmt in ("csv", "tsv"):
         first = stream.readline().rstrip(b"\r\n").decode("utf-8", "replace")
-        return next(csv.reader([first], delimiter="\t" if fmt == "tsv" else ","), [])
+        return _cells(first, "\t" if fmt == "tsv" else ",") or []
     return None

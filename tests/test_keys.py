@@ -1,0 +1,45 @@
+"""The key function: total, idempotent, and equal for spellings a user would call the same."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from store.keys import MAX_KEY_BYTES, key_bytes, normalize
+
+
+@settings(max_examples=3000)
+@given(st.text())
+def test_normalize_is_total_and_idempotent(text):
+    key = normalize(text)
+    assert normalize(key) == key
+    assert key == key.strip()
+    assert "  " not in key
+    key_bytes(key)  # always encodable
+
+
+@given(st.text(alphabet=st.characters(codec="ascii"), max_size=40))
+def test_ascii_fast_path_matches_the_general_rules(text):
+    from store.keys import _one_pass
+
+    assert normalize(text) == _one_pass(text)
+
+
+def test_spellings_of_one_query_share_a_key():
+    same = [
+        "Cheap Flights to Paris",
+        "  cheap   flights to paris ",
+        "CHEAP FLIGHTS TO PARIS",
+        "ｃｈｅａｐ ｆｌｉｇｈｔｓ ｔｏ ｐａｒｉｓ",
+        "cheap\tflights\u3000to paris",
+        "cheap\u200b flights to paris",
+    ]
+    assert {normalize(s) for s in same} == {"cheap flights to paris"}
+
+
+def test_case_folding_goes_beyond_lowercase():
+    assert normalize("STRASSE") == normalize("straße")
+
+
+def test_long_keys_are_hashed_below_the_lmdb_limit():
+    raw = key_bytes("x" * 600)
+    assert len(raw) <= MAX_KEY_BYTES and raw.startswith(b"\x00")
+    assert key_bytes("short") == b"short"

@@ -1,0 +1,151 @@
+"""Log parsing, query checks, PII scrub and head planning, against plain-Python references."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transforms.normalize import check_query
+from transforms.privacy import luhn_valid, pii_reason
+from transforms.records import LogFields, format_of, parse_stream
+from transforms.selection import Selection, plan_head
+
+
+def parse(name: str, data: bytes, **fields):
+    return list(parse_stream(name, io.BytesIO(data), LogFields(**fields)))
+
+
+def test_formats_are_picked_by_extension_through_compression():
+    assert [format_of(p) for p in ["a.jsonl.gz", "b.csv.bz2", "c.tsv", "d.parquet", "e.log", "f"]] == [
+        "jsonl",
+        "csv",
+        "tsv",
+        "parquet",
+        "text",
+        "text",
+    ]
+    assert format_of("a.txt", "jsonl") == "jsonl"
+
+
+def test_every_line_yields_one_record_or_one_rejection_with_its_reason():
+    lines = [
+        b'{"q": "ok", "n": 2, "u": "a", "t": "2026-11-02T00:00:00Z"}',
+        b"not json",
+        b"[1, 2]",
+        b'{"n": 1}',
+        b'{"q": 5}',
+        b'{"q": "x", "n": -1, "u": "a"}',
+        b'{"q": "x", "n": "many", "u": "a"}',
+        b'{"q": "x", "n": true, "u": "a"}',
+        b'{"q": "x", "n": 1, "u": ""}',
+        b'{"q": "x", "n": 1, "u": "a", "t": "yesterday"}',
+        b'{"q": "x", "n": 1, "u": "a", "t": "2025-01-01T00:00:00Z"}',
+        b'{"q": "caf\xe9"}',
+    ]
+    since = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    out = parse("log.jsonl", b"\n".join(lines) + b"\n", query="q", count="n", user="u", time="t", since=since)
+    assert out[0] == ("ok", 2, "a", "log.jsonl", 1)
+    assert [r["reason"] for r in out[1:]] == [
+        "malformed_json",
+        "malformed_json",
+        "missing_query",
+        "query_not_string",
+        "bad_count",
+        "bad_count",
+        "bad_count",
+        "missing_user",
+        "bad_timestamp",
+        "outside_time_window",
+        "invalid_utf8",
+    ]
+    assert [r["line"] for r in out[1:]] == list(range(2, 13))
+
+
+def test_csv_and_tsv_keep_row_numbers():
+    csv_data = b'query,count\n"hello, world",3\nbroken,1,extra\nplain,x\n'
+    out = parse("q.csv.gz", csv_data, count="count")  # Beam decompresses; the name still says csv
+    assert out[0] == ("hello, world", 3, None, "q.csv.gz", 1)
+    assert [(r["line"], r["reason"]) for r in out[1:]] == [(2, "malformed_row"), (3, "bad_count")]
+    tsv = parse("q.tsv.bz2", b"query\tuser\na b\tu1\n", user="user")
+    assert tsv == [("a b", 1, "u1", "q.tsv.bz2", 1)]
+
+
+def test_parquet_rows_are_records():
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"query": ["a", None, "b"], "w": [1, 2, 0]}), buf)
+    out = parse("x.parquet", buf.getvalue(), count="w")
+    assert out[0] == ("a", 1, None, "x.parquet", 1)
+    assert [r["reason"] for r in out[1:]] == ["missing_query", "bad_count"]
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300), st.sampled_from(["x.jsonl", "x.csv", "x.txt", "x.tsv"]))
+def test_parsers_never_raise_and_account_for_every_line(data, name):
+    out = parse(name, data, count="count" if "csv" in name else None)
+    lines = data.split(b"\n")
+    expected = len(lines) - (lines[-1] == b"") - (1 if name.endswith((".csv", ".tsv")) and data else 0)
+    assert len(out) == max(expected, 0)
+
+
+def test_query_checks():
+    assert check_query("Hello  World", 512) == ("hello world", None)
+    assert check_query("a\x00b", 512) == (None, "control_characters")
+    assert check_query("x" * 513, 512) == (None, "too_long")
+    assert check_query(" \u200b ", 512) == (None, "empty_query")
+    assert check_query("paris", 512, template="{query}") == (None, "no_mask")
+    assert check_query("paris [MASK]", 512, template="{query}") == ("paris [mask]", None)
+
+
+def test_pii_is_recognised_and_ordinary_queries_pass():
+    assert pii_reason("write to jane.doe@example.com") == "email"
+    assert pii_reason("card 4111 1111 1111 1111 expired") == "card"
+    assert pii_reason("4111 1111 1111 1112 lottery") != "card"
+    assert pii_reason("ping 10.0.0.254") == "ip" and pii_reason("fe80::1ff:fe23:4567:890a") == "ip"
+    assert pii_reason("call +44 20 7946 0958") == "phone"
+    assert pii_reason("tracking 123456789012") is not None
+    for ok in ["iphone 15 pro 256 gb", "flights 2024 to 2025", "weather 10:30", "covid 19", "zip 90210"]:
+        assert pii_reason(ok) is None
+    assert luhn_valid("79927398713") and not luhn_valid("79927398710")
+
+
+def reference_head(counts: dict[str, int], selection: Selection) -> list[str]:
+    """Sort everything by (-count, key bytes) and cut: what plan_head + tie-breaking must reproduce."""
+    ranked = sorted(counts, key=lambda k: (-counts[k], k.encode()))
+    if selection.mode == "top_k":
+        return ranked[: int(selection.value)]
+    if selection.mode == "min_count":
+        return [k for k in ranked if counts[k] >= selection.value]
+    total, head, covered = sum(counts.values()), [], 0
+    for key in ranked:
+        if covered >= selection.value * total:
+            break
+        head.append(key)
+        covered += counts[key]
+    return head
+
+
+@settings(max_examples=300)
+@given(
+    st.dictionaries(st.text("abc", min_size=1, max_size=4), st.integers(1, 6), min_size=1),
+    st.sampled_from(["top_k", "min_count", "coverage"]),
+    st.integers(1, 10),
+    st.floats(0.01, 1.0),
+)
+def test_plan_matches_a_full_sort(counts, mode, k, fraction):
+    selection = Selection(mode, fraction if mode == "coverage" else k)
+    plan = plan_head(dict(Counter(counts.values())), sum(counts.values()), selection)
+    expected = reference_head(counts, selection)
+    assert plan["head_size"] == len(expected)
+    assert plan["head_traffic"] == sum(counts[k] for k in expected)
+    tied = sorted((k for k in counts if counts[k] == plan["threshold"]), key=str.encode)
+    above = [k for k in counts if plan["threshold"] is not None and counts[k] > plan["threshold"]]
+    chosen = above + tied[: plan["take_at_threshold"]] if plan["take_at_threshold"] else above + tied
+    assert sorted(chosen) == sorted(expected)
+    for key in expected:
+        assert plan["ranks"][counts[key]] == 1 + sum(1 for k in expected if counts[k] > counts[key])
