@@ -42,7 +42,9 @@ def _one_pass(text: str) -> str:
 def normalize(query: str) -> str:
     """Return the cache key of ``query`` (see the module docstring for the rules)."""
     if query.isascii():  # fast path, same result: NFKC is the identity on ASCII and has no Cf
-        return " ".join(query.lower().translate(_ASCII_CONTROLS).split())
+        if not query.isprintable():
+            query = query.translate(_ASCII_CONTROLS)
+        return " ".join(query.lower().split())
     key = _one_pass(query.encode("utf-8", "ignore").decode("utf-8"))
     # Folding and NFKC interact for a handful of code points; iterate to the fixed point.
     for _ in range(3):
@@ -55,7 +57,5 @@ def normalize(query: str) -> str:
 
 def key_bytes(key: str) -> bytes:
     """Encode a normalised key as it is stored in LMDB."""
-    raw = key.encode("utf-8")
-    if len(raw) > MAX_KEY_BYTES:
-        return b"\x00" + hashlib.sha256(raw).digest()
-    return raw
+    raw = key.encode()
+    return raw if len(raw) <= MAX_KEY_BYTES else b"\x00" + hashlib.sha256(raw).digest()

@@ -11,6 +11,7 @@ keeps one long-lived read transaction, so a lookup does no setup. After ``os.for
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
@@ -19,9 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+import numpy as np
 import pyarrow.parquet as pq
 
-from store.format import SnapshotError, check_files, decode_value, lmdb_shard_path, read_manifest, shard_of
+from store.format import (
+    EMBED_DTYPES,
+    SnapshotError,
+    check_files,
+    decode_value,
+    lmdb_shard_path,
+    read_manifest,
+    shard_of,
+)
 from store.keys import key_bytes, normalize
 from store.publish import resolve
 
@@ -52,7 +62,11 @@ def _release(path: str) -> None:
 
 
 def _after_fork_in_child() -> None:
-    _envs.clear()  # the parent's handles must not be used here; drop them without closing
+    # LMDB handles must not cross a fork: close the inherited ones (read-only, lock-free: this only
+    # unmaps the child's copy) and let every open Snapshot reopen its shards.
+    for env, _ in _envs.values():
+        env.close()
+    _envs.clear()
     for snap in list(_open_snapshots):
         snap._attach()
 
@@ -68,6 +82,9 @@ class Snapshot:
         self.manifest = manifest
         self.id: str = manifest["snapshot_id"]
         self._schema = manifest["result"]
+        self._decode = functools.partial(decode_value, schema=self._schema)
+        if self._schema["encoding"] in EMBED_DTYPES:
+            self._decode = functools.partial(np.frombuffer, dtype=EMBED_DTYPES[self._schema["encoding"]])
         self._shards = manifest["lmdb"]["shards"]
         self._paths = [os.path.realpath(directory / lmdb_shard_path(i, self._shards)) for i in range(self._shards)]
         self._closed = False
@@ -96,23 +113,26 @@ class Snapshot:
         self._local = threading.local()
 
     def _txns(self) -> list[lmdb.Transaction]:
-        try:
-            return self._local.txns
-        except AttributeError:
-            if self._closed:
-                raise SnapshotError(f"snapshot {self.id} is closed") from None
+        """This thread's read transactions, one per shard, begun on first use."""
+        if self._closed:
+            raise SnapshotError(f"snapshot {self.id} is closed")
+        if not hasattr(self._local, "txns"):
             self._local.txns = [env.begin(buffers=False) for env in self._envs]
-            return self._local.txns
+        return self._local.txns
 
     def get_raw(self, key: str) -> bytes | None:
         """Encoded value stored for a normalised ``key``, or None."""
         raw = key_bytes(key)
-        return self._txns()[shard_of(raw, self._shards)].get(raw)
+        try:
+            txns = self._local.txns
+        except AttributeError:
+            txns = self._txns()
+        return txns[shard_of(raw, self._shards) if self._shards > 1 else 0].get(raw)
 
     def get_key(self, key: str) -> Any:
-        """Result for an already normalised ``key``, or None."""
+        """Result for an already normalised ``key``, or None (embeddings: read-only numpy arrays)."""
         raw = self.get_raw(key)
-        return None if raw is None else decode_value(raw, self._schema)
+        return None if raw is None else self._decode(raw)
 
     def get(self, query: str) -> Any:
         """Result for ``query`` (normalised here with the snapshot's key function), or None."""

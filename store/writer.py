@@ -8,18 +8,31 @@ Shards are independent, so a distributed build writes them in parallel; the mani
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.format import EMBED_DTYPES, MANIFEST, decode_value, lmdb_shard_path, parquet_shard_path, sha256_file
-from store.keys import key_bytes
+from store.format import (
+    EMBED_DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    decode_value,
+    encode_value,
+    lmdb_shard_path,
+    parquet_shard_path,
+    sha256_file,
+    shard_of,
+)
+from store.keys import KEY_FUNCTION, key_bytes
 
 Row = tuple[str, int, "int | None", int, bytes]
 
@@ -114,3 +127,44 @@ def save_manifest(directory: str | os.PathLike, manifest: dict) -> None:
     tmp = Path(directory) / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", "utf-8")
     os.replace(tmp, Path(directory) / MANIFEST)
+
+
+def write_snapshot(
+    root: str | os.PathLike,
+    results: Mapping[str, Any],
+    schema: dict,
+    *,
+    task: str = "embed",
+    model: dict | None = None,
+    shards: int = 1,
+    publish: bool = True,
+    **manifest: Any,
+) -> Path:
+    """Write ``{key: result}`` (keys already normalised) as a snapshot under ``root``, without Beam.
+
+    Returns the published directory, or the staging directory when ``publish`` is False.
+    Useful for tests, benchmarks and snapshots built from an existing table.
+    """
+    from store.publish import new_snapshot_id, new_staging
+    from store.publish import publish as publish_staging
+
+    snapshot_id = new_snapshot_id()
+    staging = new_staging(root, snapshot_id)
+    by_shard: list[list[Row]] = [[] for _ in range(shards)]
+    for rank, (key, result) in enumerate(results.items(), 1):
+        by_shard[shard_of(key_bytes(key), shards)].append((key, 1, None, rank, encode_value(result, schema)))
+    infos = [{"index": i, **write_shard(staging, i, shards, rows, schema)} for i, rows in enumerate(by_shard)]
+    head = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "snapshot_id": snapshot_id,
+        "created": dt.datetime.now(dt.UTC).isoformat(),
+        "key_function": KEY_FUNCTION,
+        "task": task,
+        "result": schema,
+        "model": model or {"fingerprint": "unknown"},
+        "stats": {},
+        **manifest,
+    }
+    write_manifest(staging, head, infos)
+    return Path(root) / "snapshots" / publish_staging(root, staging) if publish else staging

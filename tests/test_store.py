@@ -160,9 +160,10 @@ def test_fork_after_open_reopens_in_the_child(tmp_path):
     make_snapshot(tmp_path, vectors(5), EMBED)
     snap = Snapshot.open(tmp_path)
     assert snap.get("query 2") is not None
+    parent_txns = snap._txns()
     pid = os.fork()
     if pid == 0:
-        os._exit(0 if snap.get("query 2") is not None else 1)
+        os._exit(0 if snap.get("query 2") is not None and snap._txns() is not parent_txns else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
 
