@@ -180,7 +180,7 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
                 f"no query in {', '.join(options.logs)} was accepted (most rejections: {top}); "
                 "check --format and --query-field"
             )
-        manifest["fidelity"] = fidelity_gate(staging, engine, options)
+        manifest["fidelity"] = fidelity_gate(staging, engine, options, previous)
         save_manifest(staging, manifest)
         snapshot_id = publish(options.out, staging)
     except BaseException:

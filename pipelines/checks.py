@@ -66,20 +66,23 @@ def previous_snapshot(root: str, fingerprint: str, schema: dict) -> Path | None:
     return directory
 
 
-def _sample(snapshot: Snapshot, size: int) -> list[str]:
-    """A stable sample: the keys with the smallest sha256."""
-    keys = sorted(snapshot, key=lambda k: hashlib.sha256(k.encode("utf-8")).digest())
-    return keys[:size]
+def _sample(snapshot: Snapshot, size: int, previous: Snapshot | None) -> list[str]:
+    """A stable sample of the computed keys (reused ones passed the gate of their own build)."""
+    keys = (k for k in snapshot if previous is None or previous.get_raw(k) is None)
+    return sorted(keys, key=lambda k: hashlib.sha256(k.encode("utf-8")).digest())[:size]
 
 
-def fidelity_gate(staging: os.PathLike, engine: Engine, options) -> dict:
+def fidelity_gate(staging: os.PathLike, engine: Engine, options, previous: os.PathLike | None = None) -> dict:
     """Compare a sample of stored answers with an fp32 forward pass; raise BuildError below threshold."""
-    reference = engine if engine.dtype == "fp32" else Engine(_fp32(engine))
     with Snapshot.open(staging, verify=False) as snapshot:
-        keys = _sample(snapshot, options.fidelity_sample)
+        before = Snapshot.open(previous, verify=False) if previous else None
+        keys = _sample(snapshot, options.fidelity_sample, before)
         stored = [snapshot.get_key(k) for k in keys]
-    if not keys:
-        return {"sample": 0}
+        if before is not None:
+            before.close()
+    if not keys or not options.fidelity_sample:
+        return {"sample": 0, "passed": True}
+    reference = engine if engine.dtype == "fp32" else Engine(_fp32(engine))
     expected = reference(keys)
     pairs = [(s, e) for s, e in zip(stored, expected) if e is not None]
     task = engine.config.task
@@ -111,4 +114,4 @@ def fidelity_gate(staging: os.PathLike, engine: Engine, options) -> dict:
 
 
 def _fp32(engine: Engine) -> EngineConfig:
-    return dataclasses.replace(engine.config, dtype="fp32", device=str(engine.device))
+    return dataclasses.replace(engine.config, dtype="fp32", device=str(engine.device), streams=engine.streams)

@@ -130,6 +130,13 @@ def _iso(ctx, param, value):
 @click.option(
     "--token-budget", type=click.IntRange(16), help="Padded tokens per batch (default: 1024 on CPU, 16384 on GPU)."
 )
+@click.option(
+    "--streams",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="CPU batches in flight per worker process, one torch thread each (0: one per core; 1 with multiprocess).",
+)
 @click.option("--store-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option(
     "--shards", default=1, show_default=True, type=click.IntRange(1), help="LMDB/Parquet shards, written in parallel."
@@ -198,6 +205,7 @@ def build(**kw: Any) -> None:
             template=kw["template"],
             top_k=kw["fill_top_k"],
             token_budget=kw["token_budget"],
+            streams=kw["streams"] or (1 if kw["runner"] == "multiprocess" else 0),
         ),
         fields=LogFields(
             format=kw["fmt"],

@@ -38,8 +38,9 @@ def cosine(a, b):
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def test_embeddings_equal_a_direct_forward_pass_despite_batching(tiny_bert):
-    got = np.stack(engine(tiny_bert, token_budget=16)(QUERIES))
+@pytest.mark.parametrize("streams", [1, 2])
+def test_embeddings_equal_a_direct_forward_pass_despite_batching(tiny_bert, streams):
+    got = np.stack(engine(tiny_bert, token_budget=16, streams=streams)(QUERIES))
     assert cosine(got, reference_embeddings(tiny_bert, QUERIES)).min() >= 0.9999
 
 
