@@ -129,6 +129,33 @@ def test_counts_rejections_and_privacy_match_a_plain_python_count(cli, tiny_bert
         assert pii.encode() not in snapshot_bytes
 
 
+def test_time_window_keeps_records_in_range_and_rejects_bad_timestamps(cli, tiny_bert, tmp_path):
+    rows = [
+        {"query": "paris", "ts": "2026-11-01T10:00:00Z"},
+        {"query": "rome", "ts": "2026-11-02T10:00:00+01:00"},
+        {"query": "tokyo", "ts": 1793786400},
+        {"query": "berlin", "ts": "last week"},
+        {"query": "oslo"},
+    ]
+    log = write_jsonl(tmp_path / "log.jsonl", rows)
+    summary = run_build(
+        cli,
+        *build_args(
+            log,
+            tmp_path / "out",
+            tiny_bert,
+            "--time-field",
+            "ts",
+            "--since",
+            "2026-11-01",
+            "--until",
+            "2026-11-02T09:30:00Z",
+        ),
+    )
+    assert summary["rejected_by_reason"] == {"outside_time_window": 1, "bad_timestamp": 2}
+    assert sorted(head_table(tmp_path / "out")) == ["paris", "rome"]
+
+
 def test_dead_letters_name_source_line_and_reason(cli, tiny_bert, tmp_path):
     log = write_log(tmp_path, "jsonl", make_records(20))
     run_build(cli, *build_args(log, tmp_path / "out", tiny_bert, "--count-field", "count"))
@@ -208,10 +235,16 @@ def test_min_users_keeps_queries_of_enough_distinct_users(cli, tiny_bert, tmp_pa
 
 def test_embeddings_equal_a_direct_forward_pass_and_other_spellings_hit(cli, tiny_bert, tmp_path):
     log = write_log(tmp_path, "jsonl", make_records())
-    run_build(cli, *build_args(log, tmp_path / "out", tiny_bert, "--shards", "3", "--count-field", "count"))
+    run_build(
+        cli,
+        *build_args(
+            log, tmp_path / "out", tiny_bert, "--shards", "3", "--count-field", "count", "--store-dtype", "float16"
+        ),
+    )
     snap = Snapshot.open(tmp_path / "out")
     keys = list(snap)
     assert len(keys) == len(snap) and snap.manifest["lmdb"]["shards"] == 3
+    assert snap.manifest["result"]["encoding"] == "float16" and snap.get(keys[0]).dtype == np.float16
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -219,7 +252,7 @@ def test_embeddings_equal_a_direct_forward_pass_and_other_spellings_hit(cli, tin
     for key in keys[:40]:
         with torch.no_grad():
             expected = bert(**tok(key, return_tensors="pt")).last_hidden_state[0].mean(0).numpy()
-        got = snap.get(key)
+        got = snap.get(key).astype(np.float32)  # stored as float16
         assert float(got @ expected / np.linalg.norm(got) / np.linalg.norm(expected)) >= 0.9999
     key = keys[0]
     for spelling in [
@@ -296,6 +329,8 @@ def test_fidelity_gate_fails_a_broken_setting_and_publishes_nothing(cli, tiny_be
         (["--logs", "/nowhere/*.jsonl"], "/nowhere/*.jsonl matches no non-empty file"),
         (["--format", "csv"], "no column 'query'"),
         (["--query-field", "missing"], "no query in"),
+        (["--since", "yesterday", "--time-field", "ts"], "is not ISO 8601"),
+        (["--since", "2026-01-01"], "--since/--until need --time-field"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(cli, tiny_bert, tmp_path, args, message):

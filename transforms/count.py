@@ -7,22 +7,41 @@ import hashlib
 import apache_beam as beam
 
 
-def _user_pair(record):
-    key, _, user = record
-    return key, hashlib.blake2b(user.encode("utf-8"), digest_size=8).digest()
+class _CountAndUsers(beam.CombineFn):
+    """Sum of weights and the set of (hashed) users of one key; lifted, so partial sums merge."""
+
+    def create_accumulator(self):
+        return [0, set()]
+
+    def add_input(self, acc, value):
+        acc[0] += value[0]
+        if value[1] is not None:
+            acc[1].add(value[1])
+        return acc
+
+    def merge_accumulators(self, accs):
+        accs = iter(accs)
+        total = next(accs)
+        for acc in accs:
+            total[0] += acc[0]
+            total[1] |= acc[1]
+        return total
+
+    def extract_output(self, acc):
+        return acc[0], len(acc[1])
 
 
-def _join(item):
-    key, grouped = item
-    users = grouped["users"]
-    return key, sum(grouped["count"]), users[0] if users else 0
+def _weight_and_user(record):
+    key, weight, user = record
+    return key, (weight, user and hashlib.blake2b(user.encode("utf-8"), digest_size=8).digest())
 
 
 class CountQueries(beam.PTransform):
     """Sum weights per key and, with ``users=True``, count distinct users per key.
 
-    Distinct users come from a shuffle of (key, hashed user) pairs, which spreads over workers
-    by key; no worker sees all pairs. Without users, the third field is None.
+    One keyed combine: workers pre-aggregate, then each key's partial counts and user sets meet on
+    the worker that owns the key, so no worker sees all (key, user) pairs. Users are hashed
+    (64-bit BLAKE2b) first. Without users, the third field is None.
     """
 
     def __init__(self, users: bool = False):
@@ -30,14 +49,16 @@ class CountQueries(beam.PTransform):
         self.users = users
 
     def expand(self, keys):
-        counts = keys | "Weights" >> beam.Map(lambda r: (r[0], r[1])) | "Sum" >> beam.CombinePerKey(sum)
         if not self.users:
-            return counts | "NoUsers" >> beam.MapTuple(lambda key, count: (key, count, None))
-        users = (
+            return (
+                keys
+                | "Weights" >> beam.Map(lambda r: (r[0], r[1]))
+                | "Sum" >> beam.CombinePerKey(sum)
+                | "NoUsers" >> beam.MapTuple(lambda key, count: (key, count, None))
+            )
+        return (
             keys
-            | "UserPairs" >> beam.Map(_user_pair)
-            | "DistinctPairs" >> beam.Distinct()
-            | "Keys" >> beam.Keys()
-            | "UsersPerKey" >> beam.combiners.Count.PerElement()
+            | "WeightsAndUsers" >> beam.Map(_weight_and_user)
+            | "CountAndUsers" >> beam.CombinePerKey(_CountAndUsers())
+            | "Flatten" >> beam.MapTuple(lambda key, cu: (key, *cu))
         )
-        return {"count": counts, "users": users} | "Join" >> beam.CoGroupByKey() | "Merge" >> beam.Map(_join)

@@ -9,7 +9,7 @@ _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
 _IPV6 = re.compile(r"(?<![\w:])[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?![\w:])")
-_PHONE = re.compile(r"(?<!\w)\+?(?:\d[ ().-]{0,2}){6,14}\d(?!\w)")
+_PHONE = re.compile(r"(?<!\w)\+?\(?\d(?:[ ().-]{0,2}\d){6,14}(?!\w)")
 _DIGIT_RUN = re.compile(r"\d{9,}")
 
 
@@ -21,6 +21,15 @@ def luhn_valid(digits: str) -> bool:
             d = d * 2 - 9 if d > 4 else d * 2
         total += d
     return total % 10 == 0
+
+
+def _is_phone(text: str) -> bool:
+    """7-15 digits written as a phone number: a leading +, one run of 7-8, or at least two groups of 3+."""
+    groups = re.findall(r"\d+", text)
+    digits = sum(map(len, groups))
+    if not 7 <= digits <= 15:
+        return False
+    return text.startswith(("+", "(")) or len(groups) == 1 or sum(len(g) >= 3 for g in groups) >= 2
 
 
 def _is_ip(text: str) -> bool:
@@ -43,8 +52,8 @@ def pii_reason(key: str) -> str | None:
             return "card"
     if any(_is_ip(m.group()) for m in _IPV4.finditer(key)) or any(_is_ip(m.group()) for m in _IPV6.finditer(key)):
         return "ip"
-    if _PHONE.search(key):
-        return "phone"
     if _DIGIT_RUN.search(key):
         return "digit_run"
+    if any(_is_phone(m.group()) for m in _PHONE.finditer(key)):
+        return "phone"
     return None

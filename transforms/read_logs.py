@@ -54,4 +54,4 @@ class ReadQueryLogs(beam.PTransform):
             | "Open" >> fileio.ReadMatches()
             | "Parse" >> beam.ParDo(_ParseFile(self.fields)).with_outputs(REJECTED, LINES, main="records")
         )
-        return parsed.records | "Spread" >> beam.Reshuffle(), parsed[REJECTED], parsed[LINES]
+        return parsed.records, parsed[REJECTED], parsed[LINES]

@@ -14,7 +14,7 @@ from store.keys import key_bytes
 from transforms.privacy import pii_reason
 from transforms.selection import Selection, plan_head
 
-DROPPED = "dropped"
+DROPPED, TIED = "dropped", "tied"
 
 
 class _Screen(beam.DoFn):
@@ -56,13 +56,15 @@ class SmallestKeys(beam.CombineFn):
         return quota, rows[:quota]
 
 
-def _above(row, plan) -> bool:
-    threshold = plan["threshold"]
-    return threshold is not None and (row[1] > threshold or (row[1] == threshold and plan["take_at_threshold"] is None))
-
-
-def _tied(row, plan) -> bool:
-    return row[1] == plan["threshold"] and plan["take_at_threshold"] is not None
+def _split(row, plan):
+    """Rows above the threshold go to the head; rows at it compete for the tie quota."""
+    threshold, quota = plan["threshold"], plan["take_at_threshold"]
+    if threshold is None or row[1] < threshold:
+        return
+    if row[1] > threshold or quota is None:
+        yield row
+    else:
+        yield beam.pvalue.TaggedOutput(TIED, (quota, row))
 
 
 class SelectHead(beam.PTransform):
@@ -89,14 +91,13 @@ class SelectHead(beam.PTransform):
             | "ToDict" >> beam.combiners.ToDict()
             | "Plan" >> beam.Map(plan_head, total_traffic=AsSingleton(total), selection=self.selection)
         )
-        above = eligible | "AboveThreshold" >> beam.Filter(_above, plan=AsSingleton(plan))
+        split = eligible | "Threshold" >> beam.FlatMap(_split, plan=AsSingleton(plan)).with_outputs(TIED, main="above")
         tied = (
-            eligible
-            | "AtThreshold" >> beam.Filter(_tied, plan=AsSingleton(plan))
-            | "Quota" >> beam.Map(lambda row, plan: (plan["take_at_threshold"], row), plan=AsSingleton(plan))
+            split[TIED]
             | "SmallestKeys" >> beam.CombineGlobally(SmallestKeys())
             | "Unpack" >> beam.FlatMap(lambda rows: rows)
         )
+        above = split.above
         head = (
             (above, tied)
             | "Head" >> beam.Flatten()
