@@ -31,7 +31,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # as a script, bench/ wo
 from bench.loggen import distinct_queries  # noqa: E402
 from inference import Engine, EngineConfig  # noqa: E402
 from inference.model import default_model_dir  # noqa: E402
-from transforms.infer import RunBert  # noqa: E402
+from transforms.infer import RunBert, share_engine  # noqa: E402
 
 logging.getLogger("apache_beam").setLevel(logging.ERROR)
 BEAM_ARGS = ["--runner=FnApiRunner"]
@@ -102,7 +102,7 @@ def bench_beam_stage(queries: list[str], engine: Engine) -> float:
     schema = engine.schema
 
     def run():
-        with beam.Pipeline(options=PipelineOptions(BEAM_ARGS)) as p:
+        with share_engine(engine), beam.Pipeline(options=PipelineOptions(BEAM_ARGS)) as p:
             rows = p | beam.Create([(q, 1, None, 1) for q in queries]) | beam.Reshuffle()
             out = rows | beam.ParDo(RunBert(engine.config, engine.fingerprint, schema)).with_outputs(
                 "stats", "unanswered", main="rows"
@@ -176,25 +176,27 @@ def main() -> None:
     args = parser.parse_args()
     model_dir = default_model_dir()
     queries = zipf_lengths(distinct_queries(args.queries))
-    engine = Engine(EngineConfig(task="embed"))
-    print(
-        f"{len(queries)} distinct queries; engine {engine.dtype} on {engine.device}, "
-        f"token budget {engine.token_budget}, torch threads {torch.get_num_threads()}"
-    )
+    torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         a = bench_pipeline(queries[: args.pipeline_queries], model_dir)
         print(f"(a) transformers pipeline, one query at a time: {a:8.0f} queries/s")
         b = bench_runinference(queries[: args.runinference_queries], model_dir, tmp)
         print(f"(b) Beam RunInference, keyed tensors, padded per batch: {b:8.0f} queries/s")
+        engine = Engine(EngineConfig(task="embed"))
+        peak = matmul_peak(engine.model.dtype)  # all cores, before the engine below pins one thread per stream
+        engine = Engine(EngineConfig(task="embed", streams=0))  # the CLI default: one stream per core
+        print(
+            f"{len(queries)} distinct queries; engine {engine.dtype} on {engine.device}, "
+            f"token budget {engine.token_budget}, {engine.streams} streams"
+        )
         c = bench_beam_stage(queries, engine)
         print(f"(c) querycache RunBert in Beam: {c:8.0f} queries/s")
         d = len(queries) / timed(lambda: engine.run(queries))
         print(f"(d) engine alone: {d:8.0f} queries/s")
-        peak = matmul_peak(engine.model.dtype)
         e = peak / flops_per_query(engine, queries)
         print(
-            f"(e) limit: matmul peak {peak / 1e9:.0f} GFLOP/s ({engine.model.dtype}) / "
+            f"(e) limit: matmul peak {peak / 1e9:.0f} GFLOP/s ({engine.model.dtype}, all cores) / "
             f"{flops_per_query(engine, queries) / 1e6:.1f} MFLOP per query = {e:8.0f} queries/s"
         )
         print(

@@ -26,7 +26,7 @@ from store.keys import KEY_FUNCTION
 from store.publish import new_snapshot_id, new_staging, publish
 from store.writer import save_manifest, write_manifest
 from transforms.count import CountQueries
-from transforms.infer import ReuseOrInfer
+from transforms.infer import ReuseOrInfer, share_engine
 from transforms.normalize import NormalizeQueries
 from transforms.read_logs import ReadQueryLogs
 from transforms.records import LogFields
@@ -36,6 +36,10 @@ from transforms.stats import BY_VALUE, COUNT, MERGE, SUM, GatherStats
 from transforms.write_snapshot import WriteDeadLetters, WriteSnapshot
 
 log = logging.getLogger(__name__)
+STATISTICS = {
+    "lines_read": SUM, "accepted": COUNT, "distinct_queries": COUNT, "rows": COUNT, "reused": COUNT,
+    "rejected_by_reason": BY_VALUE, "dropped_for_privacy": BY_VALUE, "unanswered": BY_VALUE, "inference": MERGE,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -81,41 +85,13 @@ def build_pipeline(
     rejected = (unreadable, invalid) | "DeadLetters" >> beam.Flatten()
     dead_files = rejected | "WriteDeadLetters" >> WriteDeadLetters(staging)
     stats = {
-        "lines_read": lines,
-        "accepted": keys,
-        "distinct_queries": counts,
-        "rows": rows,
-        "reused": reused,
+        "lines_read": lines, "accepted": keys, "distinct_queries": counts, "rows": rows, "reused": reused,
         "rejected_by_reason": rejected | "Reasons" >> beam.Map(lambda r: r["reason"]),
-        "dropped_for_privacy": dropped,
-        "unanswered": unanswered,
-        "inference": inference,
-    } | "GatherStats" >> GatherStats(
-        {
-            "lines_read": SUM,
-            "accepted": COUNT,
-            "distinct_queries": COUNT,
-            "rows": COUNT,
-            "reused": COUNT,
-            "rejected_by_reason": BY_VALUE,
-            "dropped_for_privacy": BY_VALUE,
-            "unanswered": BY_VALUE,
-            "inference": MERGE,
-        }
-    )
-    _ = (
-        p
-        | "Start" >> beam.Create([staging])
-        | "WriteManifest"
-        >> beam.Map(
-            _finalize,
-            manifest,
-            shards=AsList(shards),
-            dead_files=AsList(dead_files),
-            stats=AsSingleton(stats),
-            plan=AsSingleton(plan),
-        )
-    )
+        "dropped_for_privacy": dropped, "unanswered": unanswered, "inference": inference,
+    } | "GatherStats" >> GatherStats(STATISTICS)  # fmt: skip
+    _ = p | "Start" >> beam.Create([staging]) | "WriteManifest" >> beam.Map(
+        _finalize, manifest, shards=AsList(shards), dead_files=AsList(dead_files), stats=AsSingleton(stats),
+        plan=AsSingleton(plan))  # fmt: skip
 
 
 def _finalize(staging: str, manifest: dict, shards: list, dead_files: list, stats: dict, plan: dict) -> None:
@@ -170,7 +146,7 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
         "build": _build_options(options),
     }
     try:
-        with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
+        with share_engine(engine), beam.Pipeline(options=PipelineOptions(beam_args)) as p:
             build_pipeline(p, options, engine, schema, str(staging), manifest, previous and str(previous))
         manifest = read_manifest(staging)
         if manifest["stats"]["accepted"] == 0:
@@ -182,7 +158,7 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
             )
         manifest["fidelity"] = fidelity_gate(staging, engine, options, previous)
         save_manifest(staging, manifest)
-        snapshot_id = publish(options.out, staging)
+        publish(options.out, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

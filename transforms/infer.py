@@ -7,6 +7,7 @@ buffered into large batches that the engine sorts by length and cuts by token bu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -53,10 +54,20 @@ class _EngineHolder:
         self.engine = engine
 
 
+@contextlib.contextmanager
+def share_engine(engine: Engine):
+    """Offer the driver's loaded engine to RunBert in this process (in-process runners skip a reload)."""
+    holder = _engines.acquire(lambda: _EngineHolder(engine), tag=engine.fingerprint)
+    try:
+        yield holder
+    finally:
+        del holder
+
+
 class RunBert(beam.DoFn):
     """Run the engine over buffered rows; emit ``(key, count, users, rank, value)`` and stats dicts."""
 
-    def __init__(self, config: EngineConfig, fingerprint: str, schema: dict, max_batch: int = 4096):
+    def __init__(self, config: EngineConfig, fingerprint: str, schema: dict, max_batch: int = 16384):
         self.config, self.fingerprint, self.schema, self.max_batch = config, fingerprint, schema, max_batch
         self.queries = Metrics.counter("querycache", "queries")
         self.tokens = Metrics.counter("querycache", "real_tokens")
