@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import logging
 import shutil
 import time
@@ -21,8 +20,7 @@ from apache_beam.pvalue import AsList, AsSingleton
 
 from inference.engine import Engine, EngineConfig
 from pipelines.checks import BuildError, check_logs, fidelity_gate, previous_snapshot
-from store.format import FORMAT_NAME, FORMAT_VERSION, read_manifest
-from store.keys import KEY_FUNCTION
+from store.format import new_manifest, read_manifest
 from store.publish import new_snapshot_id, new_staging, publish
 from store.writer import save_manifest, write_manifest
 from transforms.count import CountQueries
@@ -133,18 +131,10 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
     previous = previous_snapshot(options.out, engine.fingerprint, schema) if options.reuse else None
     snapshot_id = new_snapshot_id()
     staging = new_staging(options.out, snapshot_id)
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "snapshot_id": snapshot_id,
-        "created": dt.datetime.now(dt.UTC).isoformat(),
-        "key_function": KEY_FUNCTION,
-        "task": engine.config.task,
-        "result": schema,
-        "model": engine.describe(),
-        "reused_from": previous and read_manifest(previous)["snapshot_id"],
-        "build": _build_options(options),
-    }
+    manifest = new_manifest(
+        snapshot_id, engine.config.task, schema, engine.describe(),
+        reused_from=previous and read_manifest(previous)["snapshot_id"], build=_build_options(options),
+    )  # fmt: skip
     try:
         with share_engine(engine), beam.Pipeline(options=PipelineOptions(beam_args)) as p:
             build_pipeline(p, options, engine, schema, str(staging), manifest, previous and str(previous))

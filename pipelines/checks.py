@@ -30,6 +30,8 @@ def check_logs(patterns: tuple[str, ...], fields: LogFields) -> list[str]:
     """Every pattern matches at least one non-empty file; tabular files have the named columns."""
     paths: list[str] = []
     for pattern in patterns:
+        if os.path.isdir(pattern):
+            raise BuildError(f"--logs {pattern} is a directory; pass a glob such as '{pattern.rstrip('/')}/*'")
         try:
             matched = [m for m in FileSystems.match([pattern])[0].metadata_list if m.size_in_bytes > 0]
         except Exception as err:  # Beam raises several types for a bad path or scheme

@@ -267,21 +267,19 @@ def inspect(path: str, as_json: bool) -> None:
     if as_json:
         _echo_json(manifest)
         return
-    stats, model = manifest["stats"], manifest["model"]
-    click.echo(
-        f"snapshot   {manifest['snapshot_id']} ({manifest['created']})\n"
-        f"task       {manifest['task']}  result {manifest['result']}\n"
-        f"model      {model['fingerprint']}  {model.get('architecture')} {model.get('dtype')} "
-        f"from {model.get('model_dir')}\n"
-        f"keys       {manifest['key_function']['name']} v{manifest['key_function']['version']}\n"
-        f"rows       {manifest['rows']} in {manifest['lmdb']['shards']} shard(s)\n"
-        f"selection  {manifest['selection']}\n"
-        f"logs       {stats['lines_read']} lines, {stats['accepted']} accepted, {stats['rejected']} rejected "
-        f"{stats['rejected_by_reason']}\n"
-        f"head       {stats['head_size']} of {stats['distinct_queries']} distinct, "
-        f"{stats['traffic_covered']:.1%} of traffic; privacy drops {stats['dropped_for_privacy']}\n"
-        f"results    {stats['computed']} computed, {stats['reused']} reused; fidelity {manifest.get('fidelity')}"
-    )
+    model = manifest["model"]
+    lines = {
+        "snapshot": f"{manifest['snapshot_id']} (created {manifest['created']})",
+        "task": f"{manifest['task']}, result {json.dumps(manifest['result'])}",
+        "model": f"{model['fingerprint']} {model.get('architecture', '')} {model.get('dtype', '')}",
+        "model dir": model.get("model_dir"),
+        "key function": f"{manifest['key_function']['name']} v{manifest['key_function']['version']}",
+        "rows": f"{manifest['rows']} in {manifest['lmdb']['shards']} shard(s)",
+        "selection": manifest.get("selection") and json.dumps(manifest["selection"]),
+        **{name.replace("_", " "): json.dumps(value) for name, value in manifest.get("stats", {}).items()},
+        "fidelity": manifest.get("fidelity") and json.dumps(manifest["fidelity"]),
+    }
+    click.echo("\n".join(f"{name:<20} {value}" for name, value in lines.items() if value is not None))
 
 
 def _manifest(path: str) -> dict:

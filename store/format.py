@@ -5,6 +5,7 @@ Values are raw little-endian arrays (embeddings) or UTF-8 JSON (fill-mask, class
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from store.keys import SUPPORTED_KEY_VERSIONS
+from store.keys import KEY_FUNCTION, SUPPORTED_KEY_VERSIONS
 
 FORMAT_NAME = "querycache-snapshot"
 FORMAT_VERSION = 1
@@ -62,6 +63,15 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def new_manifest(snapshot_id: str, task: str, schema: dict, model: dict, **fields: Any) -> dict:
+    """The fixed head of a manifest; the writer adds rows, shards and files."""
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "snapshot_id": snapshot_id,
+        "created": dt.datetime.now(dt.UTC).isoformat(), "key_function": KEY_FUNCTION, "task": task,
+        "result": schema, "model": model, **fields,
+    }  # fmt: skip
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:

@@ -8,7 +8,6 @@ Shards are independent, so a distributed build writes them in parallel; the mani
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -22,17 +21,16 @@ import pyarrow.parquet as pq
 
 from store.format import (
     EMBED_DTYPES,
-    FORMAT_NAME,
-    FORMAT_VERSION,
     MANIFEST,
     decode_value,
     encode_value,
     lmdb_shard_path,
+    new_manifest,
     parquet_shard_path,
     sha256_file,
     shard_of,
 )
-from store.keys import KEY_FUNCTION, key_bytes
+from store.keys import key_bytes
 
 Row = tuple[str, int, "int | None", int, bytes]
 
@@ -154,17 +152,6 @@ def write_snapshot(
     for rank, (key, result) in enumerate(results.items(), 1):
         by_shard[shard_of(key_bytes(key), shards)].append((key, 1, None, rank, encode_value(result, schema)))
     infos = [{"index": i, **write_shard(staging, i, shards, rows, schema)} for i, rows in enumerate(by_shard)]
-    head = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "snapshot_id": snapshot_id,
-        "created": dt.datetime.now(dt.UTC).isoformat(),
-        "key_function": KEY_FUNCTION,
-        "task": task,
-        "result": schema,
-        "model": model or {"fingerprint": "unknown"},
-        "stats": {},
-        **manifest,
-    }
+    head = new_manifest(snapshot_id, task, schema, model or {"fingerprint": "unknown"}, stats={}, **manifest)
     write_manifest(staging, head, infos)
     return Path(root) / "snapshots" / publish_staging(root, staging) if publish else staging

@@ -76,6 +76,12 @@ def test_csv_and_tsv_keep_row_numbers():
     assert tsv == [("a b", 1, "u1", "q.tsv.bz2", 1)]
 
 
+def test_byte_order_marks_and_blank_lines():
+    assert parse("q.csv", b"\xef\xbb\xbfquery\nhello\n")[0] == ("hello", 1, None, "q.csv", 1)
+    out = parse("q.jsonl", b'\xef\xbb\xbf{"query": "a"}\n\n  \n')
+    assert out[0] == ("a", 1, None, "q.jsonl", 1) and [r["reason"] for r in out[1:]] == ["blank_line"] * 2
+
+
 def test_parquet_rows_are_records():
     buf = io.BytesIO()
     pq.write_table(pa.table({"query": ["a", None, "b"], "w": [1, 2, 0]}), buf)

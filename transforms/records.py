@@ -122,6 +122,8 @@ def parse_stream(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[
     number = 0
     for raw in iter(stream.readline, b""):
         raw = raw.rstrip(b"\r\n")
+        if number == 0 and header is None:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
         if fmt in ("csv", "tsv") and header is None:
             header = _cells(raw.decode("utf-8", "replace"), "\t" if fmt == "tsv" else ",") or []
             continue
@@ -134,6 +136,8 @@ def parse_stream(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[
         try:
             if fmt == "text":
                 query, weight, user = text, 1, None
+            elif not text.strip():
+                raise _Reject("blank_line")
             elif fmt == "jsonl":
                 query, weight, user = _record(_json_object(text), fields)
             else:
@@ -192,6 +196,6 @@ def columns_of(source: str, stream: IO[bytes], fields: LogFields) -> list[str] |
 
         return pq.ParquetFile(stream).schema_arrow.names
     if fmt in ("csv", "tsv"):
-        first = stream.readline().rstrip(b"\r\n").decode("utf-8", "replace")
+        first = stream.readline().rstrip(b"\r\n").removeprefix(b"\xef\xbb\xbf").decode("utf-8", "replace")
         return _cells(first, "\t" if fmt == "tsv" else ",") or []
     return None
