@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import os
 from collections import Counter
@@ -70,8 +71,9 @@ def previous_snapshot(root: str, fingerprint: str, schema: dict) -> Path | None:
 
 def _sample(snapshot: Snapshot, size: int, previous: Snapshot | None) -> list[str]:
     """A stable sample of the computed keys (reused ones passed the gate of their own build)."""
-    keys = (k for k in snapshot if previous is None or previous.get_raw(k) is None)
-    return sorted(keys, key=lambda k: hashlib.sha256(k.encode("utf-8")).digest())[:size]
+    ordered = sorted(snapshot, key=lambda k: hashlib.sha256(k.encode("utf-8")).digest())
+    computed = (k for k in ordered if previous is None or previous.get_raw(k) is None)
+    return list(itertools.islice(computed, size))
 
 
 def fidelity_gate(staging: os.PathLike, engine: Engine, options, previous: os.PathLike | None = None) -> dict:

@@ -45,7 +45,7 @@ def _acquire(path: str) -> lmdb.Environment:
     with _envs_lock:
         entry = _envs.get(path)
         if entry is None:
-            env = lmdb.open(path, readonly=True, lock=False, subdir=True, readahead=False, max_readers=1024)
+            env = lmdb.open(path, readonly=True, lock=False, subdir=True, max_readers=1024)
             entry = _envs[path] = [env, 0]
         entry[1] += 1
         return entry[0]
