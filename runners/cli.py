@@ -181,17 +181,31 @@ def build(**kw: Any) -> None:
         raise UserError("--min-users needs --user-field, the field that identifies users")
     if (kw["since"] or kw["until"]) and not kw["time_field"]:
         raise UserError("--since/--until need --time-field, the field that holds the record time")
-    from inference.engine import EngineConfig
     from inference.model import ModelError
-    from pipelines.build import BuildOptions
     from pipelines.build import build as run_build
     from pipelines.checks import BuildError
     from runners.presets import beam_args
+
+    options = _build_options(kw, picked)
+    try:
+        summary = run_build(options, beam_args(kw["runner"], list(kw["beam_options"])))
+    except (BuildError, ModelError, SnapshotError) as err:
+        raise UserError(str(err)) from None
+    if kw["as_json"]:
+        _echo_json(summary)
+    else:
+        _print_summary(summary)
+
+
+def _build_options(kw: dict, picked: list[str]):
+    """Map the command line onto BuildOptions (imports deferred: `querycache lookup` needs no torch)."""
+    from inference.engine import EngineConfig
+    from pipelines.build import BuildOptions
     from transforms.records import LogFields
     from transforms.selection import Selection
 
     mode = picked[0] if picked else "min_count"
-    options = BuildOptions(
+    return BuildOptions(
         logs=tuple(kw["logs"]),
         out=kw["out"],
         engine=EngineConfig(
@@ -228,14 +242,6 @@ def build(**kw: Any) -> None:
         min_agreement=kw["min_agreement"],
         max_prob_diff=kw["max_prob_diff"],
     )
-    try:
-        summary = run_build(options, beam_args(kw["runner"], list(kw["beam_options"])))
-    except (BuildError, ModelError, SnapshotError) as err:
-        raise UserError(str(err)) from None
-    if kw["as_json"]:
-        _echo_json(summary)
-    else:
-        _print_summary(summary)
 
 
 def _print_summary(s: dict) -> None:

@@ -21,6 +21,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from inference.engine import Engine, EngineConfig
 from store.format import encode_value
 from store.snapshot import Snapshot
+from transforms.stats import sum_dicts
 
 log = logging.getLogger(__name__)
 REUSED, STATS, UNANSWERED = "reused", "stats", "unanswered"
@@ -137,14 +138,6 @@ class RunBert(beam.DoFn):
         if now - self.last_log > 10:
             self.last_log = now
             log.info("inferred %d queries in this worker (%.0f queries/s)", self.done, self.done / (now - self.started))
-
-
-def sum_dicts(dicts) -> dict:
-    total: dict = {}
-    for d in dicts:
-        for k, v in d.items():
-            total[k] = total.get(k, 0) + v
-    return total
 
 
 class ReuseOrInfer(beam.PTransform):

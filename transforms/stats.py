@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from transforms.infer import sum_dicts
+
+def sum_dicts(dicts) -> dict:
+    """Merge counter dicts by adding values key by key."""
+    total: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
 
 COUNT, SUM, BY_VALUE, MERGE = "count", "sum", "by_value", "merge"
 _REDUCERS = {
