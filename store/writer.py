@@ -88,18 +88,18 @@ def _write_parquet(path: Path, rows: list[Row], schema: dict) -> None:
         "users": pa.array([r[2] for r in rows], pa.int64()),
         "rank": pa.array([r[3] for r in rows], pa.int64()),
     }
-    values = [decode_value(r[4], schema) for r in rows]
-    if schema["encoding"] in EMBED_DTYPES:
-        flat = np.concatenate(values) if values else np.zeros(0, EMBED_DTYPES[schema["encoding"]])
+    if schema["encoding"] in EMBED_DTYPES:  # values are raw arrays: one join, no per-row decode
+        flat = np.frombuffer(b"".join(r[4] for r in rows), EMBED_DTYPES[schema["encoding"]])
         columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(flat), schema["dim"])
     elif schema.get("labels") is not None:
+        values = [decode_value(r[4], schema) for r in rows]
         columns["label"] = pa.array([v["label"] for v in values], pa.string())
         columns["scores"] = pa.array(
             [[v["scores"][lab] for lab in schema["labels"]] for v in values], pa.list_(pa.float32())
         )
     else:
         prediction = pa.struct([("token", pa.string()), ("score", pa.float32())])
-        columns["predictions"] = pa.array(values, pa.list_(pa.list_(prediction)))
+        columns["predictions"] = pa.array([decode_value(r[4], schema) for r in rows], pa.list_(pa.list_(prediction)))
     pq.write_table(pa.table(columns), path, compression="zstd")
 
 
