@@ -365,3 +365,21 @@ def test_verify_inspect_and_gc_commands(cli, tiny_bert, tmp_path):
     assert result.exit_code == 1 and "data.mdb: sha256 mismatch" in result.output
     assert cli("gc", tmp_path / "out", "--keep", "1").exit_code == 0
     assert len(json.loads(cli("list", tmp_path / "out", "--json").stdout)) == 1
+
+
+def test_a_service_serves_the_snapshot_and_falls_back_to_the_same_engine(cli, tiny_bert, tmp_path):
+    from store import ReadThroughCache
+
+    log = write_log(tmp_path, "jsonl", make_records(60))
+    run_build(cli, *build_args(log, tmp_path / "out", tiny_bert))
+    engine = Engine(EngineConfig(model_dir=str(tiny_bert), dtype="fp32"))
+    cache = ReadThroughCache(tmp_path / "out", fallback=engine)
+    key = next(iter(Snapshot.open(tmp_path / "out")))
+    assert np.allclose(cache.get(key.upper()), engine([key])[0], atol=1e-5)
+    miss = cache.get("Tea Near Me Tomorrow")
+    assert np.allclose(miss, engine(["tea near me tomorrow"])[0], atol=1e-6)
+    metrics = cache.metrics()
+    assert metrics["snapshot_in_use"] and (metrics["hits"], metrics["misses"], metrics["fallback_calls"]) == (1, 1, 1)
+    other = ReadThroughCache(tmp_path / "out", fallback=Engine(EngineConfig(model_dir=str(tiny_bert), dtype="bf16")))
+    other.get(key)
+    assert other.metrics()["fingerprint_mismatch"] and other.metrics()["hits"] == 0
