@@ -79,7 +79,7 @@ def build_pipeline(
     rows, reused, inference, unanswered = head | "ReuseOrInfer" >> ReuseOrInfer(
         engine.config, engine.fingerprint, schema, previous
     )
-    shards = rows | "WriteSnapshot" >> WriteSnapshot(staging, options.shards, schema)
+    shards = rows | "WriteSnapshot" >> WriteSnapshot(staging, options.shards, schema, previous)
     rejected = (unreadable, invalid) | "DeadLetters" >> beam.Flatten()
     dead_files = rejected | "WriteDeadLetters" >> WriteDeadLetters(staging)
     stats = {

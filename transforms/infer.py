@@ -38,11 +38,10 @@ class _Reuse(beam.DoFn):
         self.snapshot = Snapshot.open(self.previous, verify=False)
 
     def process(self, row):
-        raw = self.snapshot.get_raw(row[0])
-        if raw is None:
+        if self.snapshot.get_raw(row[0]) is None:
             yield row
-        else:
-            yield beam.pvalue.TaggedOutput(REUSED, (*row, raw))
+        else:  # no value in flight: WriteSnapshot copies it from the previous snapshot
+            yield beam.pvalue.TaggedOutput(REUSED, (*row, None))
 
     def teardown(self):
         self.snapshot.close()
@@ -143,8 +142,8 @@ class RunBert(beam.DoFn):
 class ReuseOrInfer(beam.PTransform):
     """``head | ReuseOrInfer(config, fingerprint, schema, previous)`` -> ``(rows, reused, stats, unanswered)``.
 
-    With ``previous`` (a snapshot of the same model version) stored values are copied;
-    the rest go through :class:`RunBert`.
+    With ``previous`` (a snapshot of the same model version) a stored key becomes a row with value None,
+    which WriteSnapshot fills from ``previous``; the rest go through :class:`RunBert`.
     """
 
     def __init__(self, config: EngineConfig, fingerprint: str, schema: dict, previous: str | None = None):

@@ -12,6 +12,7 @@ import apache_beam as beam
 
 from store.format import shard_of
 from store.keys import key_bytes
+from store.snapshot import Snapshot
 from store.writer import write_shard
 
 log = logging.getLogger(__name__)
@@ -21,12 +22,13 @@ class WriteSnapshot(beam.PTransform):
     """``rows | WriteSnapshot(staging, shards=4, schema=...)`` -> one info dict per shard.
 
     Rows go to LMDB shards by a stable hash of the key (see ``store.format.shard_of``); every
-    shard is written, even an empty one, so a reader can address all of them.
+    shard is written, even an empty one, so a reader can address all of them. A row whose value
+    is None was reused: its value is copied here from ``previous``, so it never crosses a shuffle.
     """
 
-    def __init__(self, directory: str, shards: int, schema: dict):
+    def __init__(self, directory: str, shards: int, schema: dict, previous: str | None = None):
         super().__init__()
-        self.directory, self.shards, self.schema = directory, shards, schema
+        self.directory, self.shards, self.schema, self.previous = directory, shards, schema, previous
 
     def expand(self, rows):
         shards = self.shards
@@ -40,7 +42,11 @@ class WriteSnapshot(beam.PTransform):
         )
 
     def _write(self, index: int, rows) -> dict:
-        info = write_shard(self.directory, index, self.shards, (r for r in rows if r is not None), self.schema)
+        rows = [r for r in rows if r is not None]
+        if self.previous and any(r[4] is None for r in rows):  # reused rows: copy the stored value
+            with Snapshot.open(self.previous, verify=False) as previous:
+                rows = [r if r[4] is not None else (*r[:4], previous.get_raw(r[0])) for r in rows]
+        info = write_shard(self.directory, index, self.shards, rows, self.schema)
         log.info("wrote shard %d of %d: %d rows", index + 1, self.shards, info["rows"])
         return {"index": index, **info}
 
