@@ -128,12 +128,12 @@ def test_two_snapshots_over_the_same_files_share_one_environment(tmp_path):
     c.close()
 
 
-def _reader(root: str, seconds: float, out) -> None:
+def _reader(root: str, stop, out) -> None:
     cache = ReadThroughCache(root, check_every=1, check_seconds=0)
     failures = lookups = 0
     seen = set()
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    out.put("ready")
+    while not stop.is_set() or lookups < 100:
         lookups += 1
         failures += cache.get("query 1") is None
         seen.add(cache.metrics()["snapshot_id"])
@@ -143,15 +143,16 @@ def _reader(root: str, seconds: float, out) -> None:
 def test_a_reader_in_another_process_survives_swaps_and_picks_them_up(tmp_path):
     make_snapshot(tmp_path, vectors(5), EMBED)
     ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=_reader, args=(str(tmp_path), 6.0, out))
+    out, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_reader, args=(str(tmp_path), stop, out))
     proc.start()
-    time.sleep(2.5)  # let the spawned reader import and start
+    assert out.get(timeout=60) == "ready"
     for i in range(5):
         make_snapshot(tmp_path, vectors(5, seed=i + 1), EMBED)
         gc(tmp_path, keep=2)  # old directories disappear under the reader
         time.sleep(0.1)
-    lookups, failures, snapshots_seen = out.get(timeout=30)
+    stop.set()
+    lookups, failures, snapshots_seen = out.get(timeout=60)
     proc.join(10)
     assert lookups > 100 and failures == 0 and snapshots_seen >= 2
 
