@@ -63,7 +63,7 @@ def check_model_dir(path: str | os.PathLike) -> Path:
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"cannot load the tokenizer of {path}: {err}") from None
 
 
@@ -73,7 +73,7 @@ def load_model(path: Path, task: str) -> PreTrainedModel:
         model, info = TASK_CLASSES[task].from_pretrained(
             path, local_files_only=True, trust_remote_code=False, use_safetensors=True, output_loading_info=True
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"cannot load the model in {path} for task {task}: {err}") from None
     # The pooler is unused by embed and fill-mask; a classifier needs it (BERT classifies the pooled [CLS]).
     missing = [k for k in info.get("missing_keys", []) if task == "classify" or "pooler" not in k]

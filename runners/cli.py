@@ -191,6 +191,8 @@ def build(**kw: Any) -> None:
         summary = run_build(options, beam_args(kw["runner"], list(kw["beam_options"])))
     except (BuildError, ModelError, SnapshotError) as err:
         raise UserError(str(err)) from None
+    except OSError as err:  # disk full, permissions: the environment, not querycache
+        raise click.ClickException(f"{err.strerror or err}: {err.filename or ''}".rstrip(": ")) from None
     if kw["as_json"]:
         _echo_json(summary)
     else:
