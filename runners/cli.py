@@ -2,46 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
 from typing import Any
 
 import click
-import numpy as np
 
-from store import Snapshot, SnapshotError, gc, list_snapshots, normalize, rollback
-from store.format import check_files, read_manifest
-from store.publish import resolve
-
-log = logging.getLogger("querycache")
-
-
-class UserError(click.ClickException):
-    """A user mistake: one line on stderr, exit code 2."""
-
-    exit_code = 2
-
-
-def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("apache_beam", "absl", "urllib3", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    for handler in logging.getLogger().handlers:  # Beam warns about apitools from the root logger on import
-        handler.addFilter(lambda record: not record.getMessage().startswith("apitools not found"))
-
-
-def _jsonable(value: Any) -> Any:
-    return value.tolist() if isinstance(value, np.ndarray) else value
-
-
-def _echo_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, default=_jsonable, ensure_ascii=False))
+from runners import manage
+from runners.common import UserError, echo_json, setup_logging
+from store import SnapshotError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -169,7 +136,7 @@ def build(**kw: Any) -> None:
       querycache build --logs 'logs/2026-11-*.jsonl.gz' --out /data/qc --top-k 100000
       querycache build --logs q.csv --query-field q --out /data/qc --runner multiprocess -- --direct_num_workers=4
     """
-    _setup_logging(kw["quiet"])
+    setup_logging(kw["quiet"])
     picked = [name for name in ("top_k", "min_count", "coverage") if kw[name] is not None]
     if len(picked) > 1:
         raise UserError(
@@ -194,7 +161,7 @@ def build(**kw: Any) -> None:
     except OSError as err:  # disk full, permissions: the environment, not querycache
         raise click.ClickException(f"{err.strerror or err}: {err.filename or ''}".rstrip(": ")) from None
     if kw["as_json"]:
-        _echo_json(summary)
+        echo_json(summary)
     else:
         _print_summary(summary)
 
@@ -261,133 +228,6 @@ def _print_summary(s: dict) -> None:
     )
 
 
-@main.command()
-@click.argument("path", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
-def inspect(path: str, as_json: bool) -> None:
-    """Show a snapshot's manifest and statistics.
-
-    \b
-    Example:
-      querycache inspect /data/qc
-    """
-    manifest = _manifest(path)
-    if as_json:
-        _echo_json(manifest)
-        return
-    model = manifest["model"]
-    lines = {
-        "snapshot": f"{manifest['snapshot_id']} (created {manifest['created']})",
-        "task": f"{manifest['task']}, result {json.dumps(manifest['result'])}",
-        "model": f"{model['fingerprint']} {model.get('architecture', '')} {model.get('dtype', '')}",
-        "model dir": model.get("model_dir"),
-        "key function": f"{manifest['key_function']['name']} v{manifest['key_function']['version']}",
-        "rows": f"{manifest['rows']} in {manifest['lmdb']['shards']} shard(s)",
-        "selection": manifest.get("selection") and json.dumps(manifest["selection"]),
-        **{name.replace("_", " "): json.dumps(value) for name, value in manifest.get("stats", {}).items()},
-        "fidelity": manifest.get("fidelity") and json.dumps(manifest["fidelity"]),
-    }
-    click.echo("\n".join(f"{name:<20} {value}" for name, value in lines.items() if value is not None))
-
-
-def _manifest(path: str) -> dict:
-    try:
-        return read_manifest(resolve(path))
-    except SnapshotError as err:
-        raise UserError(str(err)) from None
-
-
-@main.command()
-@click.argument("path", type=click.Path())
-@click.argument("queries", nargs=-1, required=True)
-def lookup(path: str, queries: tuple[str, ...]) -> None:
-    """Look queries up; print one JSON object per query.
-
-    \b
-    Example:
-      querycache lookup /data/qc "Cheap Flights to Paris" "weather berlin"
-    """
-    try:
-        snap = Snapshot.open(path)
-    except SnapshotError as err:
-        raise UserError(str(err)) from None
-    with snap:
-        for query in queries:
-            result = snap.get(query)
-            _echo_json({"query": query, "key": normalize(query), "hit": result is not None, "result": result})
-
-
-@main.command()
-@click.argument("path", type=click.Path())
-def verify(path: str) -> None:
-    """Check the manifest and every file's sha256; exit 1 naming what failed.
-
-    \b
-    Example:
-      querycache verify /data/qc && echo intact
-    """
-    try:
-        directory = resolve(path)
-        problems = check_files(directory, read_manifest(directory), checksums=True)
-    except SnapshotError as err:
-        problems, directory = [str(err)], path
-    for problem in problems:
-        click.echo(f"FAILED {problem}", err=True)
-    if problems:
-        sys.exit(1)
-    click.echo(f"OK {directory}")
-
-
-@main.command("list")
-@click.argument("root", type=click.Path())
-@click.option("--json", "as_json", is_flag=True)
-def list_(root: str, as_json: bool) -> None:
-    """List the snapshots of a root, oldest first; * marks the current one.
-
-    \b
-    Example:
-      querycache list /data/qc
-    """
-    snapshots = list_snapshots(root)
-    if as_json:
-        _echo_json(snapshots)
-        return
-    for s in snapshots:
-        mark = "*" if s["current"] else " "
-        detail = f"{s['rows']:>9} rows  {s['task']:<9} {s['fingerprint'][:12]}" if s["ok"] else s["error"]
-        click.echo(f"{mark} {s['id']}  {detail}")
-
-
-@main.command("rollback")
-@click.argument("root", type=click.Path())
-@click.argument("snapshot_id", required=False)
-def rollback_(root: str, snapshot_id: str | None) -> None:
-    """Point CURRENT at SNAPSHOT_ID, or at the snapshot before the current one.
-
-    \b
-    Example:
-      querycache rollback /data/qc
-    """
-    try:
-        click.echo(f"CURRENT -> {rollback(root, snapshot_id)}")
-    except SnapshotError as err:
-        raise UserError(str(err)) from None
-
-
-@main.command("gc")
-@click.argument("root", type=click.Path())
-@click.option("--keep", required=True, type=click.IntRange(1), help="Snapshots to keep, the current one included.")
-def gc_(root: str, keep: int) -> None:
-    """Delete old snapshots, keeping the current one and the newest others.
-
-    \b
-    Example:
-      querycache gc /data/qc --keep 3
-    """
-    for snapshot_id in gc(root, keep):
-        click.echo(f"deleted {snapshot_id}")
-
-
 @main.command("model-info")
 @click.argument("model_dir", type=click.Path(), required=False)
 @click.option("--json", "as_json", is_flag=True)
@@ -398,7 +238,7 @@ def model_info(model_dir: str | None, as_json: bool) -> None:
     Example:
       querycache model-info ./models/my-bert
     """
-    _setup_logging(True)
+    setup_logging(True)
     from inference.engine import describe_model
     from inference.model import ModelError
 
@@ -407,7 +247,7 @@ def model_info(model_dir: str | None, as_json: bool) -> None:
     except ModelError as err:
         raise UserError(str(err)) from None
     if as_json:
-        _echo_json(info)
+        echo_json(info)
         return
     click.echo(f"model  {info['model_dir']}")
     for task, t in info["tasks"].items():
@@ -416,6 +256,9 @@ def model_info(model_dir: str | None, as_json: bool) -> None:
             + (f"ok  fingerprint {t['fingerprint']}  {t['settings']}" if t["ok"] else f"no  {t['error']}")
         )
 
+
+for command in (manage.inspect, manage.lookup, manage.verify, manage.list_, manage.rollback_, manage.gc_):
+    main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

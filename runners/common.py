@@ -1,0 +1,40 @@
+"""What every querycache command shares: the user-error type, logging setup and JSON output."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+import numpy as np
+
+
+class UserError(click.ClickException):
+    """A user mistake: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+
+def setup_logging(quiet: bool) -> None:
+    """Progress on stderr (INFO, or WARNING with --quiet); Beam's chatter kept out."""
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("apache_beam", "absl", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:  # Beam warns about apitools from the root logger on import
+        handler.addFilter(lambda record: not record.getMessage().startswith("apitools not found"))
+
+
+def _jsonable(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def echo_json(obj: Any) -> None:
+    """One JSON document on stdout; numpy arrays become lists."""
+    click.echo(json.dumps(obj, default=_jsonable, ensure_ascii=False))
