@@ -50,6 +50,7 @@ class ReadThroughCache:
         self.check_every, self.check_seconds, self.verify = check_every, check_seconds, verify
         self._lru: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()
         self._snapshot: Snapshot | None = None
         self._retired: Snapshot | None = None  # closed at the next reload, after in-flight lookups
         self._usable = False
@@ -132,6 +133,14 @@ class ReadThroughCache:
         if not force and self._until_check > 0 and time.monotonic() < self._next_check:
             return
         self._until_check, self._next_check = self.check_every, time.monotonic() + self.check_seconds
+        if not self._reload_lock.acquire(blocking=False):
+            return  # another thread is checking; keep serving what we have
+        try:
+            self._reload(force)
+        finally:
+            self._reload_lock.release()
+
+    def _reload(self, force: bool) -> None:
         try:
             st = os.stat(self.root / CURRENT)
             pointer = (st.st_ino, st.st_mtime_ns)

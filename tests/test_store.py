@@ -228,3 +228,30 @@ def test_store_imports_neither_beam_nor_torch():
 
     code = "import sys, store; bad = {'apache_beam', 'torch', 'transformers'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_threads_keep_getting_answers_while_snapshots_are_swapped(tmp_path):
+    import threading
+
+    data = vectors(50)
+    make_snapshot(tmp_path, data, EMBED)
+    cache = ReadThroughCache(tmp_path, check_every=1, check_seconds=0)
+    stop, failures = threading.Event(), []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                failures.extend([] if cache.get("query 5") is not None else ["miss"])
+            except Exception as err:  # noqa: BLE001 - any error is a failed lookup here
+                failures.append(repr(err))
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for _ in range(15):
+        make_snapshot(tmp_path, data, EMBED)
+        gc(tmp_path, keep=2)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert failures == [] and cache.metrics()["reloads"] >= 1
