@@ -11,6 +11,7 @@ _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
 _IPV6 = re.compile(r"(?<![\w:])[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?![\w:])")
 _PHONE = re.compile(r"(?<!\w)\+?\(?\d(?:[ ().-]{0,2}\d){6,14}(?!\w)")
 _DIGIT_RUN = re.compile(r"\d{9,}")
+_DIGIT_OR_COLON = re.compile(r"[\d:]")
 
 
 def luhn_valid(digits: str) -> bool:
@@ -44,7 +45,7 @@ def pii_reason(key: str) -> str | None:
     """Why ``key`` looks personal (``email``, ``card``, ``ip``, ``phone``, ``digit_run``), or None."""
     if "@" in key and _EMAIL.search(key):
         return "email"
-    if not any(ch.isdigit() or ch == ":" for ch in key):
+    if not _DIGIT_OR_COLON.search(key):  # the rest all need a digit (or an IPv6 colon)
         return None
     for match in _CARD.finditer(key):
         digits = re.sub(r"\D", "", match.group())
