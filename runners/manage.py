@@ -52,7 +52,8 @@ def _manifest(path: str) -> dict:
 @click.command()
 @click.argument("path", type=click.Path())
 @click.argument("queries", nargs=-1, required=True)
-def lookup(path: str, queries: tuple[str, ...]) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Accepted for symmetry: the output is always JSON lines.")
+def lookup(path: str, queries: tuple[str, ...], as_json: bool) -> None:
     """Look queries up; print one JSON object per query.
 
     \b
@@ -71,7 +72,8 @@ def lookup(path: str, queries: tuple[str, ...]) -> None:
 
 @click.command()
 @click.argument("path", type=click.Path())
-def verify(path: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+def verify(path: str, as_json: bool) -> None:
     """Check the manifest and every file's sha256; exit 1 naming what failed.
 
     \b
@@ -83,11 +85,15 @@ def verify(path: str) -> None:
         problems = check_files(directory, read_manifest(directory), checksums=True)
     except SnapshotError as err:
         problems, directory = [str(err)], path
-    for problem in problems:
-        click.echo(f"FAILED {problem}", err=True)
+    if as_json:
+        echo_json({"snapshot": str(directory), "ok": not problems, "problems": problems})
+    else:
+        for problem in problems:
+            click.echo(f"FAILED {problem}", err=True)
+        if not problems:
+            click.echo(f"OK {directory}")
     if problems:
         sys.exit(1)
-    click.echo(f"OK {directory}")
 
 
 @click.command("list")
@@ -113,7 +119,8 @@ def list_(root: str, as_json: bool) -> None:
 @click.command("rollback")
 @click.argument("root", type=click.Path())
 @click.argument("snapshot_id", required=False)
-def rollback_(root: str, snapshot_id: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+def rollback_(root: str, snapshot_id: str | None, as_json: bool) -> None:
     """Point CURRENT at SNAPSHOT_ID, or at the snapshot before the current one.
 
     \b
@@ -121,20 +128,29 @@ def rollback_(root: str, snapshot_id: str | None) -> None:
       querycache rollback /data/qc
     """
     try:
-        click.echo(f"CURRENT -> {rollback(root, snapshot_id)}")
+        current = rollback(root, snapshot_id)
     except SnapshotError as err:
         raise UserError(str(err)) from None
+    if as_json:
+        echo_json({"current": current})
+    else:
+        click.echo(f"CURRENT -> {current}")
 
 
 @click.command("gc")
 @click.argument("root", type=click.Path())
 @click.option("--keep", required=True, type=click.IntRange(1), help="Snapshots to keep, the current one included.")
-def gc_(root: str, keep: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+def gc_(root: str, keep: int, as_json: bool) -> None:
     """Delete old snapshots, keeping the current one and the newest others.
 
     \b
     Example:
       querycache gc /data/qc --keep 3
     """
-    for snapshot_id in gc(root, keep):
+    deleted = gc(root, keep)
+    if as_json:
+        echo_json({"deleted": deleted})
+        return
+    for snapshot_id in deleted:
         click.echo(f"deleted {snapshot_id}")

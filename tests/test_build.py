@@ -363,7 +363,11 @@ def test_verify_inspect_and_gc_commands(cli, tiny_bert, tmp_path):
     data.write_bytes(bytes(raw))
     result = cli("verify", tmp_path / "out")
     assert result.exit_code == 1 and "data.mdb: sha256 mismatch" in result.output
-    assert cli("gc", tmp_path / "out", "--keep", "1").exit_code == 0
+    report = cli("verify", tmp_path / "out", "--json")
+    assert report.exit_code == 1 and json.loads(report.stdout)["problems"] == [
+        "lmdb/shard-00000-of-00001/data.mdb: sha256 mismatch"
+    ]
+    assert len(json.loads(cli("gc", tmp_path / "out", "--keep", "1", "--json").stdout)["deleted"]) == 1
     assert len(json.loads(cli("list", tmp_path / "out", "--json").stdout)) == 1
 
 
