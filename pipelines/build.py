@@ -133,7 +133,7 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
     staging = new_staging(options.out, snapshot_id)
     manifest = new_manifest(
         snapshot_id, engine.config.task, schema, engine.describe(),
-        reused_from=previous and read_manifest(previous)["snapshot_id"], build=_build_options(options),
+        reused_from=previous and read_manifest(previous)["snapshot_id"], build=_recorded_options(options),
     )  # fmt: skip
     try:
         with share_engine(engine), beam.Pipeline(options=PipelineOptions(beam_args)) as p:
@@ -146,10 +146,7 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
                 f"no query in {', '.join(options.logs)} was accepted (most rejections: {top}); "
                 "check --format and --query-field"
             )
-        computed = manifest["stats"]["computed"]  # reused results passed the gate of their own build
-        manifest["fidelity"] = (
-            fidelity_gate(staging, engine, options, previous) if computed else {"sample": 0, "passed": True}
-        )
+        manifest["fidelity"] = fidelity_gate(staging, engine, options, previous, manifest["stats"]["computed"])
         save_manifest(staging, manifest)
         publish(options.out, staging)
     except BaseException:
@@ -158,7 +155,7 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
     return summary(manifest, time.perf_counter() - started)
 
 
-def _build_options(options: BuildOptions) -> dict:
+def _recorded_options(options: BuildOptions) -> dict:
     out = dataclasses.asdict(options)
     for name in ("since", "until"):
         if out["fields"][name] is not None:

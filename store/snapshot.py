@@ -82,9 +82,12 @@ class Snapshot:
         self.manifest = manifest
         self.id: str = manifest["snapshot_id"]
         self._schema = manifest["result"]
-        self._decode = functools.partial(decode_value, schema=self._schema)
-        if self._schema["encoding"] in EMBED_DTYPES:
-            self._decode = functools.partial(np.frombuffer, dtype=EMBED_DTYPES[self._schema["encoding"]])
+        embed_dtype = EMBED_DTYPES.get(self._schema["encoding"])  # hot path: skip decode_value's dispatch
+        self._decode = (
+            functools.partial(np.frombuffer, dtype=embed_dtype)
+            if embed_dtype
+            else functools.partial(decode_value, schema=self._schema)
+        )
         self._shards = manifest["lmdb"]["shards"]
         self._paths = [os.path.realpath(directory / lmdb_shard_path(i, self._shards)) for i in range(self._shards)]
         self._closed = False

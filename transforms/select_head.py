@@ -7,6 +7,8 @@ threshold pass through a bounded combiner that keeps the ones with the smallest 
 
 from __future__ import annotations
 
+import logging
+
 import apache_beam as beam
 from apache_beam.pvalue import AsSingleton
 
@@ -15,6 +17,7 @@ from transforms.privacy import pii_reason
 from transforms.selection import Selection, plan_head
 
 DROPPED, TIED = "dropped", "tied"
+log = logging.getLogger(__name__)
 
 
 class _Screen(beam.DoFn):
@@ -67,6 +70,18 @@ def _split(row, plan):
         yield beam.pvalue.TaggedOutput(TIED, (quota, row))
 
 
+def _plan_and_report(histogram: dict, total_traffic: int, selection: Selection) -> dict:
+    plan = plan_head(histogram, total_traffic, selection)
+    log.info(
+        "head: %d of %d eligible queries (threshold count %s), %.1f%% of traffic",
+        plan["head_size"],
+        sum(histogram.values()),
+        plan["threshold"],
+        100 * plan["head_traffic"] / total_traffic if total_traffic else 0.0,
+    )
+    return plan
+
+
 class SelectHead(beam.PTransform):
     """``counts | SelectHead(Selection("top_k", 1000), min_users=5)`` -> ``(head, plan, dropped)``.
 
@@ -89,7 +104,7 @@ class SelectHead(beam.PTransform):
             | "Counts" >> beam.Map(lambda row: row[1])
             | "Histogram" >> beam.combiners.Count.PerElement()
             | "ToDict" >> beam.combiners.ToDict()
-            | "Plan" >> beam.Map(plan_head, total_traffic=AsSingleton(total), selection=self.selection)
+            | "Plan" >> beam.Map(_plan_and_report, total_traffic=AsSingleton(total), selection=self.selection)
         )
         split = eligible | "Threshold" >> beam.FlatMap(_split, plan=AsSingleton(plan)).with_outputs(TIED, main="above")
         tied = (
