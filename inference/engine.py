@@ -33,6 +33,7 @@ from inference.model import (
 from inference.template import DEFAULT_TEMPLATE, MASK, apply
 
 log = logging.getLogger(__name__)
+_PROCESS_THREADS = torch.get_num_threads()  # the process's own setting, before any engine divided it
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,13 @@ class Engine:
         model = load_model(self.model_dir, config.task)
         self.settings = self._resolve_settings(model)
         self.max_length = self.settings["max_length"]
+        self._encoder = self._fixed_encoder()
         self.token_budget = config.token_budget or default_token_budget(self.device)
         self.streams = 1 if self.device.type != "cpu" else config.streams or os.cpu_count() or 1
         self._pool = None
         if self.streams > 1:  # FACTS: two batches on two 1-thread streams beat one batch on two threads
-            torch.set_num_threads(max(1, torch.get_num_threads() // self.streams))
+            # From the process's setting, not the current one: a second engine must not halve it again.
+            torch.set_num_threads(max(1, _PROCESS_THREADS // self.streams))
             self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="querycache-batch")
         self.model = self._place(model)
         self.fingerprint = fingerprint(self.model_dir, self.settings)
@@ -106,6 +109,22 @@ class Engine:
                 raise ModelError(f"--template {cfg.template!r} has no {{query}}; for example '{{query}} {MASK}'")
             settings |= {"template": cfg.template, "top_k": cfg.top_k}
         return settings
+
+    def _fixed_encoder(self):
+        """A private copy of the fast tokenizer, truncating at max length, whose settings never change.
+
+        Calling a transformers tokenizer with other truncation arguments reconfigures the shared Rust
+        tokenizer, which fails ("Already borrowed") while another thread encodes; this copy is only read.
+        """
+        from tokenizers import Tokenizer
+
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ModelError(f"{self.model_dir}: querycache needs a fast (tokenizer.json) tokenizer")
+        encoder = Tokenizer.from_str(backend.to_str())
+        encoder.no_padding()
+        encoder.enable_truncation(self.max_length)
+        return encoder
 
     def _place(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.dtype == "int8":
@@ -145,14 +164,9 @@ class Engine:
         """Results in input order and the counters of this call."""
         start = time.perf_counter()
         stats = BatchStats(queries=len(queries))
-        texts = self._texts(queries)
-        ids = self.tokenizer(texts, truncation=False)["input_ids"]
-        long = [i for i, x in enumerate(ids) if len(x) > self.max_length]
-        if long:  # rare: re-encode just these with the model's own truncation
-            cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=self.max_length)["input_ids"]
-            for i, x in zip(long, cut):
-                ids[i] = x
-        stats.truncated = len(long)
+        encodings = self._encoder.encode_batch(self._texts(queries))
+        ids = [e.ids for e in encodings]
+        stats.truncated = sum(1 for e in encodings if e.overflowing)
         results: list[Any] = [None] * len(ids)
         batches = [[(i, ids[i]) for i in b] for b in token_budget_batches([len(x) for x in ids], self.token_budget)]
         run_all = self._pool.map if self._pool is not None and len(batches) > 1 else map

@@ -13,12 +13,13 @@ from pathlib import Path
 
 ENGINE_VERSION = 1  # bump when querycache's own pre- or post-processing changes an answer
 _IGNORED_SUFFIXES = (".md", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ot", ".ckpt")
-_file_digests: dict[tuple[str, int, int], str] = {}
+_file_digests: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def _file_digest(path: Path) -> str:
     st = path.stat()
-    cache_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    # ctime too: a rewrite that keeps size and mtime (cp -p, os.utime) still changes the inode's ctime.
+    cache_key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if cache_key not in _file_digests:
         digest = hashlib.sha256()
         with open(path, "rb") as fh:

@@ -54,9 +54,17 @@ def check_model_dir(path: str | os.PathLike) -> Path:
             "(convert the weights with transformers' save_pretrained(safe_serialization=True))"
         )
     try:
-        json.loads((path / "config.json").read_text("utf-8"))
-    except (OSError, ValueError) as err:
+        config = json.loads((path / "config.json").read_text("utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
         raise ModelError(f"{path}/config.json is unreadable: {err}") from None
+    tokenizer_config = path / "tokenizer_config.json"
+    if tokenizer_config.is_file() and '"auto_map"' in tokenizer_config.read_text("utf-8", "replace"):
+        config = {"auto_map": True}
+    if not isinstance(config, dict) or "auto_map" in config or config.get("trust_remote_code"):
+        raise ModelError(
+            f"{path} asks for remote code (auto_map); querycache never runs code shipped with "
+            "a model: use a model of a built-in transformers architecture"
+        )
     return path
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -21,7 +20,7 @@ from apache_beam.pvalue import AsList, AsSingleton
 from inference.engine import Engine, EngineConfig
 from pipelines.checks import BuildError, check_logs, fidelity_gate, previous_snapshot
 from store.format import new_manifest, read_manifest
-from store.publish import new_snapshot_id, new_staging, publish
+from store.publish import discard_staging, new_snapshot_id, new_staging, publish
 from store.writer import save_manifest, write_manifest
 from transforms.count import CountQueries
 from transforms.infer import ReuseOrInfer, share_engine
@@ -94,6 +93,7 @@ def build_pipeline(
 
 def _finalize(staging: str, manifest: dict, shards: list, dead_files: list, stats: dict, plan: dict) -> None:
     rejected_files = {rel: meta for info in dead_files for rel, meta in info.items()}
+    stats = dict(stats)  # a side input is read-only: a runner may hand the same dict to a retried bundle
     inference = stats.pop("inference") or {}
     rows = stats.pop("rows")
     stats |= {
@@ -150,7 +150,7 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
         save_manifest(staging, manifest)
         publish(options.out, staging)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
         raise
     return summary(manifest, time.perf_counter() - started)
 

@@ -9,7 +9,7 @@ import click
 
 from runners.common import UserError, echo_json
 from store import Snapshot, SnapshotError, gc, list_snapshots, normalize, rollback
-from store.format import check_files, read_manifest
+from store.format import read_manifest, verify_snapshot
 from store.publish import resolve
 
 
@@ -81,8 +81,8 @@ def verify(path: str, as_json: bool) -> None:
       querycache verify /data/qc && echo intact
     """
     try:
-        directory = resolve(path)
-        problems = check_files(directory, read_manifest(directory), checksums=True)
+        directory, problems = resolve(path), []
+        verify_snapshot(directory)
     except SnapshotError as err:
         problems, directory = [str(err)], path
     if as_json:
@@ -106,7 +106,10 @@ def list_(root: str, as_json: bool) -> None:
     Example:
       querycache list /data/qc
     """
-    snapshots = list_snapshots(root)
+    try:
+        snapshots = list_snapshots(root)
+    except SnapshotError as err:
+        raise UserError(str(err)) from None
     if as_json:
         echo_json(snapshots)
         return
@@ -148,7 +151,10 @@ def gc_(root: str, keep: int, as_json: bool) -> None:
     Example:
       querycache gc /data/qc --keep 3
     """
-    deleted = gc(root, keep)
+    try:
+        deleted = gc(root, keep)
+    except SnapshotError as err:
+        raise UserError(f"{err}; nothing was deleted") from None
     if as_json:
         echo_json({"deleted": deleted})
         return

@@ -6,9 +6,10 @@
 
 The fallback receives normalised keys, the same text the snapshot's answers were computed from.
 If it has a ``fingerprint`` attribute that differs from the snapshot's model fingerprint, the
-snapshot is not used for answers. ``CURRENT`` is checked every ``check_every`` lookups or
-``check_seconds`` seconds; a new snapshot is opened (and verified) before the old one is dropped,
-and one that fails to open is reported and skipped while the old one keeps serving.
+snapshot is not used for answers. ``CURRENT`` is checked (one ``stat``) every ``check_every``
+lookups or ``check_seconds`` seconds; a new snapshot is opened and verified on a background thread
+while lookups go on from the old one, which is closed once no lookup holds it. A snapshot that
+fails to open is reported and skipped while the old one keeps serving. ``refresh()`` switches now.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+import weakref
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from store.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 Fallback = Callable[[list[str]], Sequence[Any]]
+_caches: weakref.WeakSet = weakref.WeakSet()
 
 
 class ReadThroughCache:
@@ -49,10 +52,9 @@ class ReadThroughCache:
         self.lru_size = lru_size
         self.check_every, self.check_seconds, self.verify = check_every, check_seconds, verify
         self._lru: OrderedDict[str, Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self._reload_lock = threading.Lock()
+        self._new_locks()
         self._snapshot: Snapshot | None = None
-        self._retired: Snapshot | None = None  # closed at the next reload, after in-flight lookups
+        self._leases: Counter = Counter()  # snapshot -> lookups holding it; a retired one closes at 0
         self._usable = False
         self._pointer: tuple[int, int] | None = None
         self._failed_id: str | None = None
@@ -73,7 +75,13 @@ class ReadThroughCache:
         )
         self._seconds = {"lookup_seconds": 0.0, "fallback_seconds": 0.0}
         self._last_error: str | None = None
-        self._maybe_reload(force=True)
+        _caches.add(self)
+        self.refresh(force=True)
+
+    def _new_locks(self) -> None:
+        self._lock = threading.Lock()  # the LRU and the counters
+        self._state_lock = threading.Lock()  # which snapshot serves, and its leases
+        self._reload_lock = threading.Lock()  # one reload at a time
 
     # -- lookups -------------------------------------------------------------------------------
     def get(self, query: str) -> Any:
@@ -85,12 +93,15 @@ class ReadThroughCache:
         start = time.perf_counter()
         self._maybe_reload()
         keys = [normalize(q) for q in queries]
+        snap, usable = self._lease()
+        try:
+            found = [snap.get_key(k) for k in keys] if usable else [None] * len(keys)
+        finally:
+            self._release(snap)
         results: list[Any] = [None] * len(keys)
         missing: dict[str, list[int]] = {}
-        snap = self._snapshot if self._usable else None
         with self._lock:
-            for i, key in enumerate(keys):
-                value = snap.get_key(key) if snap is not None else None
+            for i, (key, value) in enumerate(zip(keys, found)):
                 if value is not None:
                     self._counts["hits"] += 1
                 elif key in self._lru:
@@ -105,20 +116,42 @@ class ReadThroughCache:
             for key, value in zip(missing, self._call_fallback(list(missing))):
                 for i in missing[key]:
                     results[i] = value
-        self._seconds["lookup_seconds"] += time.perf_counter() - start
+        with self._lock:
+            self._seconds["lookup_seconds"] += time.perf_counter() - start
         return results
+
+    def _lease(self) -> tuple[Snapshot | None, bool]:
+        """The serving snapshot, held open until :meth:`_release`."""
+        with self._state_lock:
+            snap = self._snapshot
+            if snap is not None:
+                self._leases[snap] += 1
+            return snap, self._usable and snap is not None
+
+    def _release(self, snap: Snapshot | None) -> None:
+        if snap is None:
+            return
+        with self._state_lock:
+            self._leases[snap] -= 1
+            retired = self._leases[snap] <= 0 and snap is not self._snapshot
+            if retired:
+                del self._leases[snap]
+        if retired:
+            snap.close()
 
     def _call_fallback(self, keys: list[str]) -> Sequence[Any]:
         start = time.perf_counter()
-        self._counts["fallback_calls"] += 1
-        self._counts["fallback_queries"] += len(keys)
         try:
             values = self.fallback(keys)
         except Exception:
-            self._counts["fallback_errors"] += 1
+            with self._lock:
+                self._counts["fallback_errors"] += 1
             raise
         finally:
-            self._seconds["fallback_seconds"] += time.perf_counter() - start
+            with self._lock:
+                self._counts["fallback_calls"] += 1
+                self._counts["fallback_queries"] += len(keys)
+                self._seconds["fallback_seconds"] += time.perf_counter() - start
         with self._lock:
             for key, value in zip(keys, values):
                 self._lru[key] = value
@@ -128,50 +161,67 @@ class ReadThroughCache:
         return values
 
     # -- reload --------------------------------------------------------------------------------
-    def _maybe_reload(self, force: bool = False) -> None:
+    def refresh(self, force: bool = False) -> None:
+        """Check ``CURRENT`` now and switch to a new snapshot before returning (lookups go on meanwhile)."""
+        with self._reload_lock:
+            self._reload(force)
+
+    def _maybe_reload(self) -> None:
+        """On the request path: a counter, a clock and at most one ``stat``; the reload runs elsewhere."""
         self._until_check -= 1
-        if not force and self._until_check > 0 and time.monotonic() < self._next_check:
+        if self._until_check > 0 and time.monotonic() < self._next_check:
             return
         self._until_check, self._next_check = self.check_every, time.monotonic() + self.check_seconds
-        if not self._reload_lock.acquire(blocking=False):
-            return  # another thread is checking; keep serving what we have
+        if self._pointer_now() != self._pointer and self._reload_lock.acquire(blocking=False):
+            threading.Thread(target=self._reload_in_background, name="querycache-reload", daemon=True).start()
+
+    def _reload_in_background(self) -> None:
         try:
-            self._reload(force)
+            self._reload(False)
+        except Exception:  # noqa: BLE001 - a failed reload must not end the service: log it, keep serving
+            log.exception("reloading %s failed; keeping snapshot %s", self.root, self.metrics()["snapshot_id"])
         finally:
             self._reload_lock.release()
 
-    def _reload(self, force: bool) -> None:
+    def _pointer_now(self) -> tuple[int, int] | None:
         try:
             st = os.stat(self.root / CURRENT)
-            pointer = (st.st_ino, st.st_mtime_ns)
         except FileNotFoundError:
-            pointer = None
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def _reload(self, force: bool) -> None:
+        pointer = self._pointer_now()
         if pointer == self._pointer and not force:
             return
         self._pointer = pointer
-        snapshot_id = current_id(self.root)
-        if snapshot_id is None or (self._snapshot is not None and snapshot_id == self._snapshot.id):
-            return
-        if snapshot_id == self._failed_id:
-            return
         try:
+            snapshot_id = current_id(self.root)
+            if snapshot_id is None or snapshot_id == self._failed_id:
+                return
+            if self._snapshot is not None and snapshot_id == self._snapshot.id:
+                return
             fresh = Snapshot.open(self.root, verify=self.verify)
         except SnapshotError as err:
             self._counts["reload_failures"] += 1
-            self._failed_id, self._last_error = snapshot_id, str(err)
+            self._failed_id, self._last_error = current_id_or_none(self.root), str(err)
             log.error("keeping snapshot %s: %s", self._snapshot.id if self._snapshot else None, err)
             return
-        if self._retired is not None:
-            self._retired.close()
-        self._retired, self._snapshot = self._snapshot, fresh
-        self._usable = self._fingerprint_matches(fresh)
-        if self._retired is not None:
+        usable = self._fingerprint_matches(fresh)
+        with self._state_lock:
+            old, self._snapshot, self._usable = self._snapshot, fresh, usable
+            idle = old is not None and self._leases[old] <= 0
+            if idle:
+                del self._leases[old]
+        if idle:
+            old.close()
+        if old is not None:
             self._counts["reloads"] += 1
         log.info(
             "serving snapshot %s (%d rows)%s",
             fresh.id,
             len(fresh),
-            "" if self._usable else "; model fingerprint differs from the fallback's, answering through it",
+            "" if usable else "; model fingerprint differs from the fallback's, answering through it",
         )
 
     def _fingerprint_matches(self, snap: Snapshot) -> bool:
@@ -196,13 +246,30 @@ class ReadThroughCache:
         }
 
     def close(self) -> None:
-        for snap in (self._snapshot, self._retired):
-            if snap is not None:
-                snap.close()
-        self._snapshot = self._retired = None
+        with self._state_lock:
+            snap, self._snapshot = self._snapshot, None
+        if snap is not None:
+            snap.close()
+        _caches.discard(self)
 
     def __enter__(self) -> ReadThroughCache:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def current_id_or_none(root: Path) -> str | None:
+    try:
+        return current_id(root)
+    except SnapshotError:
+        return None
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at fork time stays held forever in the child: make new ones.
+    for cache in list(_caches):
+        cache._new_locks()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

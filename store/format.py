@@ -9,6 +9,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import zlib
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TASKS = ("embed", "fill-mask", "classify")
 EMBED_DTYPES = {"float32": "<f4", "float16": "<f2"}
+_SNAPSHOT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class SnapshotError(Exception):
@@ -86,8 +88,21 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return manifest
 
 
+def check_snapshot_id(snapshot_id: object, where: str) -> str:
+    """``snapshot_id`` if it can name a directory under ``snapshots/`` (no separators, no ``..``)."""
+    if not isinstance(snapshot_id, str) or not _SNAPSHOT_ID.fullmatch(snapshot_id) or ".." in snapshot_id:
+        raise SnapshotError(f"{where}: {str(snapshot_id)[:80]!r} is not a snapshot id")
+    return snapshot_id
+
+
+def _check_relpath(rel: object, where: str) -> None:
+    parts = rel.split("/") if isinstance(rel, str) else []
+    if not parts or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        raise SnapshotError(f"{where}: manifest names {str(rel)[:80]!r}, which is not a path inside the snapshot")
+
+
 def check_manifest(manifest: dict, where: str) -> None:
-    """Refuse a manifest of an unknown format, key-function version or task."""
+    """Refuse a manifest of an unknown format, key-function version or task, or one naming paths outside it."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise SnapshotError(f"{where}: not a {FORMAT_NAME} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -101,15 +116,35 @@ def check_manifest(manifest: dict, where: str) -> None:
             f"{where}: key-function version {version!r} is unknown to this reader "
             f"(knows {sorted(SUPPORTED_KEY_VERSIONS)}); upgrade querycache or rebuild the snapshot"
         )
-    if manifest.get("task") not in TASKS or "result" not in manifest or "files" not in manifest:
+    if manifest.get("task") not in TASKS or "result" not in manifest or not isinstance(manifest.get("files"), dict):
         raise SnapshotError(f"{where}: manifest lacks a known task, result schema or file list")
+    check_snapshot_id(manifest.get("snapshot_id"), where)
+    files = manifest["files"]
+    for rel, meta in files.items():
+        _check_relpath(rel, where)
+        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
+            raise SnapshotError(f"{where}: manifest entry of {rel!r} lacks bytes or sha256")
+    shards = (manifest.get("lmdb") or {}).get("shards")
+    if "lmdb" in manifest and (isinstance(shards, bool) or not isinstance(shards, int) or not 0 < shards < 1 << 16):
+        raise SnapshotError(f"{where}: manifest has no valid LMDB shard count")
+    parquet = manifest.get("parquet", [])
+    for rel in parquet if isinstance(parquet, list) else [parquet]:
+        _check_relpath(rel, where)
+    data = [f"{lmdb_shard_path(i, shards)}/data.mdb" for i in range(shards or 0)] + parquet
+    unlisted = [rel for rel in data if rel not in files]
+    if unlisted:
+        raise SnapshotError(f"{where}: {unlisted[0]} is not in the manifest's file list, so it cannot be verified")
 
 
 def check_files(directory: str | os.PathLike, manifest: dict, *, checksums: bool) -> list[str]:
-    """Problems with the data files listed in the manifest (missing, wrong size, wrong sha256)."""
+    """Problems with the data files listed in the manifest: missing, outside the snapshot, wrong size or sha256."""
     problems = []
+    inside = os.path.realpath(directory) + os.sep
     for rel, meta in sorted(manifest["files"].items()):
         path = Path(directory) / rel
+        if not os.path.realpath(path).startswith(inside):
+            problems.append(f"{rel}: leads outside the snapshot directory (a symlink?)")
+            continue
         try:
             size = path.stat().st_size
         except OSError:
@@ -120,3 +155,17 @@ def check_files(directory: str | os.PathLike, manifest: dict, *, checksums: bool
         elif checksums and sha256_file(path) != meta["sha256"]:
             problems.append(f"{rel}: sha256 mismatch")
     return problems
+
+
+def verify_snapshot(directory: str | os.PathLike, *, checksums: bool = True) -> dict:
+    """``manifest = verify_snapshot(path)``: the manifest of a snapshot directory whose files all check out.
+
+    Validates the manifest (format, key function, ids and paths that stay inside the directory),
+    then every listed file (present, inside, size, and with ``checksums`` its sha256). Raises
+    :class:`SnapshotError` with one line naming every problem. Call it on any copy before trusting it.
+    """
+    manifest = read_manifest(directory)
+    problems = check_files(directory, manifest, checksums=checksums)
+    if problems:
+        raise SnapshotError(f"snapshot {directory} is corrupt: " + "; ".join(problems))
+    return manifest

@@ -63,7 +63,10 @@ def _release(path: str) -> None:
 
 def _after_fork_in_child() -> None:
     # LMDB handles must not cross a fork: close the inherited ones (read-only, lock-free: this only
-    # unmaps the child's copy) and let every open Snapshot reopen its shards.
+    # unmaps the child's copy) and let every open Snapshot reopen its shards. The registry lock may
+    # have been held by another thread at fork time, and would stay held forever: make a new one.
+    global _envs_lock
+    _envs_lock = threading.Lock()
     for env, _ in _envs.values():
         env.close()
     _envs.clear()

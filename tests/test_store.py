@@ -210,10 +210,11 @@ def test_cache_keeps_serving_when_the_new_snapshot_is_corrupt(tmp_path):
     bad = make_snapshot(tmp_path, vectors(3, seed=9), EMBED)
     (bad / "lmdb/shard-00000-of-00001/data.mdb").write_bytes(b"garbage")
     assert cache.get("query 0") is not None
+    cache.refresh()
     m = cache.metrics()
     assert m["snapshot_id"] == first.name and m["reload_failures"] == 1 and "corrupt" in m["last_error"]
     good = make_snapshot(tmp_path, vectors(3, seed=10), EMBED)
-    cache.get("query 0")
+    cache.refresh()
     assert cache.metrics()["snapshot_id"] == good.name and cache.metrics()["reloads"] == 1
 
 
@@ -254,4 +255,5 @@ def test_threads_keep_getting_answers_while_snapshots_are_swapped(tmp_path):
     stop.set()
     for t in threads:
         t.join()
+    cache.refresh()
     assert failures == [] and cache.metrics()["reloads"] >= 1

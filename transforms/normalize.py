@@ -34,7 +34,11 @@ class _Normalize(beam.DoFn):
 
     def process(self, record):
         query, weight, user, source, line = record
-        key, reason = check_query(query, self.max_chars, self.template)
+        try:
+            key, reason = check_query(query, self.max_chars, self.template)
+        except Exception as err:  # noqa: BLE001 - a query the checks cannot handle is a dead letter
+            key, reason = None, "unprocessable"
+            query = f"{type(err).__name__}: {query[:200]!r}"
         if reason:
             yield beam.pvalue.TaggedOutput(REJECTED, rejection(source, line, reason, query))
         else:

@@ -27,6 +27,7 @@ _EXTENSIONS = {
 }
 _COMPRESSED = (".gz", ".bz2")
 EXCERPT_CHARS = 200
+MAX_WEIGHT = 1 << 40  # one record's count; larger ones are rejected (Parquet counts are int64)
 
 Record = tuple[str, int, "str | None", str, int]
 
@@ -68,7 +69,7 @@ def _weight(value: Any) -> int:
     """A positive integer count; text is accepted when it is all digits (CSV, TSV)."""
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_WEIGHT:
         raise ValueError(value)
     return value
 
@@ -85,6 +86,8 @@ def _record(row: dict, fields: LogFields) -> tuple[str, int, str | None]:
     query = row[fields.query]
     if not isinstance(query, str):
         raise _Reject("query_not_string")
+    if not _encodable(query):
+        raise _Reject("invalid_unicode")
     weight = 1
     if fields.count:
         try:
@@ -97,6 +100,8 @@ def _record(row: dict, fields: LogFields) -> tuple[str, int, str | None]:
         if user is None or str(user).strip() == "":
             raise _Reject("missing_user")
         user = str(user)
+        if not _encodable(user):
+            raise _Reject("invalid_unicode")
     if fields.time:
         try:
             stamp = parse_time(row.get(fields.time))
@@ -107,13 +112,43 @@ def _record(row: dict, fields: LogFields) -> tuple[str, int, str | None]:
     return query, weight, user
 
 
+def _encodable(text: str) -> bool:
+    """False for text holding lone surrogates (valid in JSON, not in UTF-8: Beam's coders refuse it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_path(path: str) -> str:
+    """``path`` as valid UTF-8 text: undecodable file-name bytes become ``\\xNN`` escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def rejection(source: str, line: int, reason: str, excerpt: Any) -> dict:
-    text = excerpt.decode("utf-8", "replace") if isinstance(excerpt, bytes) else str(excerpt)
-    return {"source": source, "line": line, "reason": reason, "excerpt": text[:EXCERPT_CHARS]}
+    """A dead letter; every string in it is valid UTF-8, so any coder or JSON writer takes it."""
+    text = excerpt if isinstance(excerpt, bytes) else str(excerpt)[: EXCERPT_CHARS * 2].encode("utf-8", "replace")
+    excerpt = text[: EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
+    return {"source": printable_path(source), "line": line, "reason": reason, "excerpt": excerpt}
 
 
 def parse_stream(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict]:
-    """Records and rejections of one file, in order; ``line`` counts from 1 (data rows for CSV/TSV)."""
+    """Records and rejections of one file, in order; ``line`` counts from 1 (data rows for CSV/TSV).
+
+    Nothing in a file stops the parse: a record that cannot be processed is a dead letter, and a
+    file that cannot be read on (a corrupt archive, say) ends with one ``unreadable_file`` dead letter.
+    """
+    source = printable_path(source)
+    number = 0
+    try:
+        for number, item in enumerate(_parse(source, stream, fields), 1):
+            yield item
+    except Exception as err:  # noqa: BLE001 - the file's remaining bytes are one dead letter
+        yield rejection(source, number + 1, "unreadable_file", f"{type(err).__name__}: {err}")
+
+
+def _parse(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict]:
     fmt = format_of(source, fields.format)
     if fmt == "parquet":
         yield from _parse_parquet(source, stream, fields)
@@ -143,7 +178,10 @@ def parse_stream(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[
             else:
                 query, weight, user = _record(_csv_row(text, header, "\t" if fmt == "tsv" else ","), fields)
         except _Reject as rej:
-            yield rejection(source, number, rej.reason, text)
+            yield rejection(source, number, rej.reason, raw)
+            continue
+        except Exception as err:  # noqa: BLE001 - whatever else a line does, it is one dead letter
+            yield rejection(source, number, "unprocessable", f"{type(err).__name__}: {raw[:EXCERPT_CHARS]!r}")
             continue
         yield query, weight, user, source, number
 
@@ -151,7 +189,7 @@ def parse_stream(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[
 def _json_object(text: str) -> dict:
     try:
         row = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays or objects nested thousands deep
         raise _Reject("malformed_json") from None
     if not isinstance(row, dict):
         raise _Reject("malformed_json")
@@ -183,7 +221,7 @@ def _parse_parquet(source: str, stream: IO[bytes], fields: LogFields) -> Iterato
             try:
                 query, weight, user = _record(row, fields)
             except _Reject as rej:
-                yield rejection(source, number, rej.reason, json.dumps(row, default=str, ensure_ascii=False))
+                yield rejection(source, number, rej.reason, repr(row))
                 continue
             yield query, weight, user, source, number
 
