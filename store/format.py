@@ -122,7 +122,7 @@ def check_manifest(manifest: dict, where: str) -> None:
     files = manifest["files"]
     for rel, meta in files.items():
         _check_relpath(rel, where)
-        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
+        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or "sha256" not in meta:
             raise SnapshotError(f"{where}: manifest entry of {rel!r} lacks bytes or sha256")
     shards = (manifest.get("lmdb") or {}).get("shards")
     if "lmdb" in manifest and (isinstance(shards, bool) or not isinstance(shards, int) or not 0 < shards < 1 << 16):

@@ -28,9 +28,15 @@ def run(cli, logs, out, model, *extra) -> dict:
 
 
 def test_surrogates_deep_nesting_huge_lines_and_odd_file_names_are_dead_letters(cli, tiny_bert, tmp_path):
-    good = [json.dumps({"query": "cheap flights", "count": 2, "user": "u1"}), '{"query": "pizza", "count": 1, "user": 7}']
+    good = [
+        json.dumps({"query": "cheap flights", "count": 2, "user": "u1"}),
+        '{"query": "pizza", "count": 1, "user": 7}',
+    ]
     bad = {
-        "invalid_unicode": ['{"query": "\\ud800", "user": "u1", "count": 1}', '{"query": "ok", "user": "\\udfff", "count": 1}'],
+        "invalid_unicode": [
+            '{"query": "\\ud800", "user": "u1", "count": 1}',
+            '{"query": "ok", "user": "\\udfff", "count": 1}',
+        ],
         "malformed_json": [DEEP, '{"query": ' + DEEP + "}", "\ufeff" + good[0]],
         "too_long": [json.dumps({"query": "x" * 10_000_000, "count": 1, "user": "u"})],
         "bad_count": ['{"query": "big", "count": 100000000000000000000000, "user": "u"}'],

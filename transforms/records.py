@@ -142,7 +142,8 @@ def parse_stream(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[
     source = printable_path(source)
     number = 0
     try:
-        for number, item in enumerate(_parse(source, stream, fields), 1):
+        for item in _parse(source, stream, fields):
+            number += 1
             yield item
     except Exception as err:  # noqa: BLE001 - the file's remaining bytes are one dead letter
         yield rejection(source, number + 1, "unreadable_file", f"{type(err).__name__}: {err}")
