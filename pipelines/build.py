@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -149,10 +151,34 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
         manifest["fidelity"] = fidelity_gate(staging, engine, options, previous, manifest["stats"]["computed"])
         save_manifest(staging, manifest)
         publish(options.out, staging)
-    except BaseException:
+    except BaseException as err:
         discard_staging(staging)
+        why = _storage_full(err)
+        if why:
+            raise OSError(
+                errno.ENOSPC,
+                f"{options.out}: no room to write the snapshot ({why}); free space there (or raise the file-size "
+                "limit) and rebuild; nothing was published and the current snapshot stays",
+            ) from None
         raise
     return summary(manifest, time.perf_counter() - started)
+
+
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _storage_full(err: BaseException | None) -> str | None:
+    """The reason when ``err`` (or what caused it, maybe inside a worker) is a full disk or a file-size limit."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _FULL:
+            return err.strerror
+        why = next((os.strerror(e) for e in _FULL if os.strerror(e) in str(err)), None)
+        if why:
+            return why
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _recorded_options(options: BuildOptions) -> dict:
