@@ -6,28 +6,38 @@ import logging
 
 import apache_beam as beam
 from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 
-from transforms.records import LogFields, parse_stream
+from transforms.records import LogFields, parse_stream, printable_path, rejection
 
 log = logging.getLogger(__name__)
 REJECTED, LINES = "rejected", "lines"
 
 
 class _ParseFile(beam.DoFn):
+    """Parse one file, named by its path as bytes (a local file name need not be valid UTF-8)."""
+
     def __init__(self, fields: LogFields):
         self.fields = fields
 
-    def process(self, readable: fileio.ReadableFile):
-        source = readable.metadata.path
+    def process(self, path: bytes):
+        source = path.decode("utf-8", "surrogateescape")
         lines = 0
-        with readable.open() as stream:
-            for item in parse_stream(source, stream, self.fields):
-                lines += 1
-                if isinstance(item, dict):
-                    yield beam.pvalue.TaggedOutput(REJECTED, item)
-                else:
-                    yield item
-        log.info("read %d lines from %s", lines, source)
+        try:
+            stream = FileSystems.open(source, compression_type=CompressionTypes.AUTO)
+        except Exception as err:  # noqa: BLE001 - gone or unreadable since it matched: one dead letter
+            stream, lines = None, 1
+            yield beam.pvalue.TaggedOutput(REJECTED, rejection(source, 1, "unreadable_file", repr(err)))
+        if stream is not None:
+            with stream:
+                for item in parse_stream(source, stream, self.fields):
+                    lines += 1
+                    if isinstance(item, dict):
+                        yield beam.pvalue.TaggedOutput(REJECTED, item)
+                    else:
+                        yield item
+        log.info("read %d lines from %s", lines, printable_path(source))
         yield beam.pvalue.TaggedOutput(LINES, lines)
 
 
@@ -49,9 +59,8 @@ class ReadQueryLogs(beam.PTransform):
             pbegin
             | "Patterns" >> beam.Create(self.patterns)
             | "Match" >> fileio.MatchAll()
-            | "Paths" >> beam.Map(lambda metadata: metadata.path)
+            | "Paths" >> beam.Map(lambda metadata: metadata.path.encode("utf-8", "surrogateescape"))
             | "Dedup" >> beam.Distinct()
-            | "Open" >> fileio.ReadMatches()
             | "Parse" >> beam.ParDo(_ParseFile(self.fields)).with_outputs(REJECTED, LINES, main="records")
         )
         return parsed.records, parsed[REJECTED], parsed[LINES]
