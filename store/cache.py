@@ -203,7 +203,8 @@ class ReadThroughCache:
                 return
             fresh = Snapshot.open(self.root, verify=self.verify)
         except SnapshotError as err:
-            self._counts["reload_failures"] += 1
+            with self._lock:
+                self._counts["reload_failures"] += 1
             self._failed_id, self._last_error = current_id_or_none(self.root), str(err)
             log.error("keeping snapshot %s: %s", self._snapshot.id if self._snapshot else None, err)
             return
@@ -216,7 +217,8 @@ class ReadThroughCache:
         if idle:
             old.close()
         if old is not None:
-            self._counts["reloads"] += 1
+            with self._lock:
+                self._counts["reloads"] += 1
         log.info(
             "serving snapshot %s (%d rows)%s",
             fresh.id,
