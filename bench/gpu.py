@@ -46,7 +46,7 @@ def main() -> None:
         memory = torch.cuda.get_device_properties(0).total_memory / 2**30
         print(f"device: {torch.cuda.get_device_name(0)}, {memory:.0f} GiB, {torch.cuda.device_count()} visible")
     else:
-        device, n, dtypes, budgets = "cpu", min(args.queries, 300), ["fp32"], [256, 1024]
+        device, n, dtypes, budgets = "cpu", min(args.queries, 200), ["fp32"], [1024]
         print("device: no CUDA device visible; DRY RUN on the CPU with small sizes (not GPU figures)")
     queries = zipf_lengths(distinct_queries(n))
     ref = None
