@@ -247,3 +247,38 @@ def test_pull_watch_picks_up_a_second_snapshot(tmp_path, s3):
     finally:
         watcher.terminate()
         watcher.wait(10)
+
+
+def test_direct_multiprocess_and_portable_runners_give_the_same_snapshot(cli, tiny_bert, tmp_path, monkeypatch):
+    log = write_log(tmp_path, "jsonl", make_records(120))
+    flags = ["--count-field", "count"]
+    run_build(cli, *build_args(log, tmp_path / "direct", tiny_bert, *flags))
+    multi = ["--runner", "multiprocess", "--", "--direct_num_workers=2"]
+    run_build(cli, *build_args(log, tmp_path / "multi", tiny_bert, *flags, *multi))
+    job_port, pool_port = _free_port(), _free_port()
+    elsewhere = tmp_path / "worker-cwd"
+    elsewhere.mkdir()
+    beam = "apache_beam.runners"
+    services = [
+        subprocess.Popen([sys.executable, "-m", f"{beam}.worker.worker_pool_main", f"--service_port={pool_port}"],
+                         cwd=elsewhere, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", f"{beam}.portability.local_job_service_main", f"--port={job_port}"],
+                         cwd=elsewhere, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]  # fmt: skip
+    try:
+        _wait_for_port(pool_port, services[0])
+        _wait_for_port(job_port, services[1])
+        monkeypatch.chdir(tmp_path)  # relative paths on the driver must mean the same on the workers
+        portable = [
+            "--runner", "portable", "--", f"--job_endpoint=localhost:{job_port}",
+            "--environment_type=EXTERNAL", f"--environment_config=localhost:{pool_port}",
+        ]  # fmt: skip
+        run_build(cli, *build_args(log.name, "portable", tiny_bert, *flags, *portable))
+    finally:
+        for service in services:
+            service.terminate()
+            service.wait(10)
+    assert not list(elsewhere.iterdir())
+    reference = table(tmp_path / "direct")
+    same_answers(table(tmp_path / "multi"), reference)
+    same_answers(table(tmp_path / "portable"), reference)

@@ -9,6 +9,7 @@ keeps one attempt per shard, moves its files into place, deletes every other att
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from typing import NamedTuple
 
 import apache_beam as beam
 import lmdb
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from store import fs
@@ -183,7 +184,7 @@ def commit(directory: str, manifest: dict, writes: list[ShardWrite], extra_files
     if moves:
         FileSystems.rename([s for s, _ in moves], [t for _, t in moves])
     attempts = fs.join(directory, ATTEMPTS)
-    if FileSystems.exists(attempts) or fs.is_remote(attempts):
+    with contextlib.suppress(BeamIOError):  # nothing left to delete
         FileSystems.delete([attempts + ("/" if fs.is_remote(attempts) else "")])
     shards = [{"index": w.index, "rows": w.rows, "files": w.files} for w in chosen.values()]
     manifest = complete_manifest(manifest, shards, extra_files)
