@@ -120,13 +120,28 @@ def same_answers(a: dict, b: dict) -> None:
         assert float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) >= 0.9999, key
 
 
+@pytest.fixture(scope="module")
+def direct_build(tiny_bert, tmp_path_factory):
+    """One log and its build on the in-process runner to a local root: ``(log, root, summary)``."""
+    from click.testing import CliRunner
+
+    from runners.cli import main
+
+    tmp = tmp_path_factory.mktemp("direct")
+    log = write_log(tmp, "jsonl", make_records(150))
+    result = CliRunner().invoke(
+        main, build_args(str(log), str(tmp / "local"), str(tiny_bert), "--count-field", "count")
+    )
+    assert result.exit_code == 0, result.output
+    return log, tmp / "local", json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_build_to_s3_pulls_to_the_same_snapshot_reuses_and_takes_a_model_from_s3(
-    cli, tiny_bert, tmp_path, s3, monkeypatch
+    cli, tiny_bert, tmp_path, s3, monkeypatch, direct_build
 ):
+    log, local_root, local = direct_build
     logs = tmp_path / "logs"
     logs.mkdir()
-    log = write_log(logs, "jsonl", make_records(150))
-    local = run_build(cli, *build_args(log, tmp_path / "local", tiny_bert, "--count-field", "count"))
     root = f"{s3['bucket']}/builds/root"
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -140,8 +155,8 @@ def test_build_to_s3_pulls_to_the_same_snapshot_reuses_and_takes_a_model_from_s3
     assert pulled.exit_code == 0, pulled.output
     report = json.loads(pulled.stdout)
     assert report["snapshot_id"] == first["snapshot_id"] and report["pulled"] and report["bytes"] > 0
-    same_answers(table(tmp_path / "served"), table(tmp_path / "local"))
-    hit = json.loads(cli("lookup", tmp_path / "served", next(iter(table(tmp_path / "local")))).stdout)
+    same_answers(table(tmp_path / "served"), table(local_root))
+    hit = json.loads(cli("lookup", tmp_path / "served", next(iter(table(local_root)))).stdout)
     assert hit["hit"]
     again = json.loads(cli("pull", root, tmp_path / "served", "--json", "--", *s3["options"]).stdout)
     assert (again["pulled"], again["bytes"]) == (False, 0)
@@ -249,36 +264,46 @@ def test_pull_watch_picks_up_a_second_snapshot(tmp_path, s3):
         watcher.wait(10)
 
 
-def test_direct_multiprocess_and_portable_runners_give_the_same_snapshot(cli, tiny_bert, tmp_path, monkeypatch):
-    log = write_log(tmp_path, "jsonl", make_records(120))
-    flags = ["--count-field", "count"]
-    run_build(cli, *build_args(log, tmp_path / "direct", tiny_bert, *flags))
-    multi = ["--runner", "multiprocess", "--", "--direct_num_workers=2"]
-    run_build(cli, *build_args(log, tmp_path / "multi", tiny_bert, *flags, *multi))
+def _portable_services(workdir: Path) -> tuple[list[subprocess.Popen], list[str]]:
+    """Beam's job service and an external worker pool, started in ``workdir``; their runner flags."""
     job_port, pool_port = _free_port(), _free_port()
-    elsewhere = tmp_path / "worker-cwd"
-    elsewhere.mkdir()
     beam = "apache_beam.runners"
     services = [
         subprocess.Popen([sys.executable, "-m", f"{beam}.worker.worker_pool_main", f"--service_port={pool_port}"],
-                         cwd=elsewhere, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                         cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
         subprocess.Popen([sys.executable, "-m", f"{beam}.portability.local_job_service_main", f"--port={job_port}"],
-                         cwd=elsewhere, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                         cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]  # fmt: skip
+    _wait_for_port(pool_port, services[0])
+    _wait_for_port(job_port, services[1])
+    return services, [
+        "--runner", "portable", "--", f"--job_endpoint=localhost:{job_port}",
+        "--environment_type=EXTERNAL", f"--environment_config=localhost:{pool_port}",
+    ]  # fmt: skip
+
+
+def test_the_portable_runner_with_workers_elsewhere_gives_the_same_snapshot(
+    cli, tiny_bert, tmp_path, monkeypatch, direct_build
+):
+    log, local_root, _ = direct_build
+    (tmp_path / "log.jsonl").write_bytes(log.read_bytes())
+    elsewhere = tmp_path / "worker-cwd"
+    elsewhere.mkdir()
+    services, flags = _portable_services(elsewhere)
     try:
-        _wait_for_port(pool_port, services[0])
-        _wait_for_port(job_port, services[1])
         monkeypatch.chdir(tmp_path)  # relative paths on the driver must mean the same on the workers
-        portable = [
-            "--runner", "portable", "--", f"--job_endpoint=localhost:{job_port}",
-            "--environment_type=EXTERNAL", f"--environment_config=localhost:{pool_port}",
-        ]  # fmt: skip
-        run_build(cli, *build_args(log.name, "portable", tiny_bert, *flags, *portable))
+        run_build(cli, *build_args("log.jsonl", "portable", tiny_bert, "--count-field", "count", *flags))
     finally:
         for service in services:
             service.terminate()
             service.wait(10)
     assert not list(elsewhere.iterdir())
-    reference = table(tmp_path / "direct")
-    same_answers(table(tmp_path / "multi"), reference)
-    same_answers(table(tmp_path / "portable"), reference)
+    same_answers(table(tmp_path / "portable"), table(local_root))
+
+
+@pytest.mark.slow
+def test_the_multiprocess_runner_gives_the_same_snapshot(cli, tiny_bert, tmp_path, direct_build):
+    log, local_root, _ = direct_build
+    flags = ["--count-field", "count", "--runner", "multiprocess", "--", "--direct_num_workers=2"]
+    run_build(cli, *build_args(log, tmp_path / "multi", tiny_bert, *flags))
+    same_answers(table(tmp_path / "multi"), table(local_root))
