@@ -62,11 +62,7 @@ def s3(tmp_path_factory):
             "--s3_secret_access_key=testing",
             "--s3_region_name=us-east-1",
         ]
-        from apache_beam.io.filesystems import FileSystems
-        from apache_beam.options.pipeline_options import PipelineOptions
-
-        store_fs.configure(options)
-        FileSystems.set_options(PipelineOptions(options))
+        use_s3(options)
         store_fs._s3_client().create_bucket(Bucket="qc-test")
         yield {"options": options, "bucket": "s3://qc-test", "endpoint": endpoint}
     finally:
@@ -75,18 +71,20 @@ def s3(tmp_path_factory):
         log.close()
 
 
-def upload_tree(local: Path, target: str) -> None:
-    """Copy a local snapshot root's snapshots (not CURRENT) to ``target``."""
-    for path in sorted((local / SNAPSHOTS).rglob("*")):
-        if path.is_file() and not path.name.startswith("."):
-            store_fs.write_bytes(store_fs.join(target, path.relative_to(local).as_posix()), path.read_bytes())
+def use_s3(options: list[str]) -> None:
+    """Point this process's store seam and Beam's FileSystems at the test server (commands reset them)."""
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    store_fs.configure(options)
+    FileSystems.set_options(PipelineOptions(options))
 
 
 def remote_snapshot(tmp_path: Path, root: str, values: dict, s3: dict, publish: bool = True) -> str:
     """Write a small snapshot with the store writer and put it under the remote ``root``; return its id."""
     from store import remote
 
-    store_fs.configure(s3["options"])
+    use_s3(s3["options"])
     local = make_snapshot(tmp_path / f"w{time.monotonic_ns()}", values, SCHEMA, do_publish=False)
     manifest = json.loads((local / "manifest.json").read_text())
     snapshot_id = manifest["snapshot_id"]
@@ -161,6 +159,7 @@ def test_build_to_s3_pulls_to_the_same_snapshot_reuses_and_takes_a_model_from_s3
     again = json.loads(cli("pull", root, tmp_path / "served", "--json", "--", *s3["options"]).stdout)
     assert (again["pulled"], again["bytes"]) == (False, 0)
 
+    use_s3(s3["options"])
     model_root = f"{s3['bucket']}/models/tiny"
     for path in sorted(Path(tiny_bert).rglob("*")):
         if path.is_file():
@@ -187,6 +186,7 @@ def test_a_shard_written_twice_commits_one_correct_shard(tmp_path, s3):
     from store.format import new_manifest
     from transforms.write_snapshot import WriteSnapshot, commit
 
+    use_s3(s3["options"])
     directory = f"{s3['bucket']}/twice/snapshots/s1"
     rows = [(f"key {i}", i + 1, None, i + 1, np.full(4, i, np.float32).tobytes()) for i in range(50)]
     writer = WriteSnapshot(directory, None, SCHEMA)
@@ -228,6 +228,7 @@ def test_a_flipped_byte_fails_pull_and_keeps_the_local_current(cli, tmp_path, s3
 
 
 def test_pull_refuses_a_current_that_names_a_path(cli, tmp_path, s3):
+    use_s3(s3["options"])
     root = f"{s3['bucket']}/hostile"
     store_fs.write_bytes(f"{root}/CURRENT", b"../../etc\n")
     result = cli("pull", root, tmp_path / "served", "--", *s3["options"])
@@ -307,3 +308,33 @@ def test_the_multiprocess_runner_gives_the_same_snapshot(cli, tiny_bert, tmp_pat
     flags = ["--count-field", "count", "--runner", "multiprocess", "--", "--direct_num_workers=2"]
     run_build(cli, *build_args(log, tmp_path / "multi", tiny_bert, *flags))
     same_answers(table(tmp_path / "multi"), table(local_root))
+
+
+def test_a_worker_stages_a_remote_model_once_and_names_a_file_that_differs(tiny_bert, tmp_path, s3, monkeypatch):
+    from inference import EngineConfig
+    from inference.fingerprint import model_files
+    from inference.model import ModelError
+    from transforms import model_stage
+
+    use_s3(s3["options"])
+    monkeypatch.setattr(model_stage, "CACHE", str(tmp_path / "cache"))
+    source = f"{s3['bucket']}/models/staged"
+    for path in sorted(Path(tiny_bert).rglob("*")):
+        if path.is_file():
+            store_fs.write_bytes(store_fs.join(source, path.relative_to(tiny_bert).as_posix()), path.read_bytes())
+    files = model_files(tiny_bert)
+    model = model_stage.ShippedModel(source, files, "a" * 64, EngineConfig(model_dir=source))
+    local = model_stage.stage(model)
+    assert model_files(local) == files and model_stage.stage(model) == local
+    tampered = model._replace(files={**files, "config.json": "0" * 64}, fingerprint="b" * 64)
+    with pytest.raises(ModelError, match="model file config.json"):
+        model_stage.stage(tampered)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["a" * 64]
+
+
+def test_a_pattern_that_matches_nothing_on_the_workers_is_an_error_naming_it(cli, tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setattr("pipelines.build.check_logs", lambda patterns, fields: [])  # the driver saw files
+    result = cli(*build_args(tmp_path / "gone-*.jsonl", tmp_path / "out", tiny_bert))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"--logs {tmp_path}/gone-*.jsonl matched files on the driver but none on the workers" in result.output
+    assert not list((tmp_path / "out" / "snapshots").iterdir())
