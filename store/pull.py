@@ -5,8 +5,8 @@
 
 Every file's sha256 is checked while it streams into a local staging directory; only then is the
 copy published with the local atomic swap, so a reader never sees a partial or corrupt copy, and a
-failed pull leaves the local ``CURRENT`` as it was. Needs pyarrow (and boto3 for S3 CAS elsewhere),
-never Beam or torch.
+failed pull leaves the local ``CURRENT`` as it was. Needs pyarrow (boto3 is used for S3 when
+installed), never Beam or torch.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from store import fs, remote
 from store.format import MANIFEST, SnapshotError, check_manifest
-from store.publish import SNAPSHOTS, current_id, gc, new_staging, publish
+from store.publish import SNAPSHOTS, current_id, gc, new_staging, point_current, publish
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,6 @@ def pull(source: str, local_root: str | os.PathLike, keep: int | None = None) ->
             publish(local_root, staging)
         else:  # pulled before, then rolled back locally: point at the verified copy already there
             shutil.rmtree(staging)
-            from store.publish import point_current
-
             point_current(local_root, snapshot_id)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
