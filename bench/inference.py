@@ -99,14 +99,16 @@ def beam_overhead(queries: list[str]) -> float:
 
 
 def bench_beam_stage(queries: list[str], engine: Engine) -> float:
+    from inference.fingerprint import model_files
+    from transforms.model_stage import ShippedModel
+
     schema = engine.schema
+    model = ShippedModel(str(engine.model_dir), model_files(engine.model_dir), engine.fingerprint, engine.config)
 
     def run():
         with share_engine(engine), beam.Pipeline(options=PipelineOptions(BEAM_ARGS)) as p:
             rows = p | beam.Create([(q, 1, None, 1) for q in queries]) | beam.Reshuffle()
-            out = rows | beam.ParDo(RunBert(engine.config, engine.fingerprint, schema)).with_outputs(
-                "stats", "unanswered", main="rows"
-            )
+            out = rows | beam.ParDo(RunBert(model, schema)).with_outputs("stats", "unanswered", main="rows")
             _ = out.rows | beam.combiners.Count.Globally()
 
     return len(queries) / timed(run)
