@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from inference.batching import token_budget_batches
-from inference.device import DTYPES, default_token_budget, resolve_device, resolve_dtype
+from inference.device import DTYPES, attention_for, default_token_budget, resolve_device, resolve_dtype
 from inference.fingerprint import fingerprint
 from inference.model import (
     ModelError,
@@ -84,6 +84,7 @@ class Engine:
         self._encoder = self._fixed_encoder()
         self.token_budget = config.token_budget or default_token_budget(self.device)
         self.streams = 1 if self.device.type != "cpu" else config.streams or os.cpu_count() or 1
+        self.attention = attention_for(self.device)
         self._pool = None
         if self.streams > 1:  # FACTS: two batches on two 1-thread streams beat one batch on two threads
             # From the process's setting, not the current one: a second engine must not halve it again.
@@ -127,8 +128,7 @@ class Engine:
         return encoder
 
     def _place(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.dtype == "int8":
-            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        model.set_attn_implementation(self.attention)
         return model.to(device=self.device, dtype=DTYPES[self.dtype])
 
     def _schema(self, model: torch.nn.Module) -> dict:

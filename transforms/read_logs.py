@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import apache_beam as beam
-from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
@@ -41,6 +40,17 @@ class _ParseFile(beam.DoFn):
         yield beam.pvalue.TaggedOutput(LINES, lines)
 
 
+UNMATCHED = "querycache: no readable file matches --logs"
+
+
+def _match(pattern: str):
+    """Files of ``pattern`` as this worker sees them; none is an error, never an empty build."""
+    matched = [m for m in FileSystems.match([pattern])[0].metadata_list if m.size_in_bytes > 0]
+    if not matched:
+        raise FileNotFoundError(f"{UNMATCHED} {pattern} on this worker")
+    return matched
+
+
 class ReadQueryLogs(beam.PTransform):
     """Read every file matching ``patterns``; returns ``(records, rejected, lines)``.
 
@@ -58,7 +68,7 @@ class ReadQueryLogs(beam.PTransform):
         parsed = (
             pbegin
             | "Patterns" >> beam.Create(self.patterns)
-            | "Match" >> fileio.MatchAll()
+            | "Match" >> beam.FlatMap(_match)
             | "Paths" >> beam.Map(lambda metadata: metadata.path.encode("utf-8", "surrogateescape"))
             | "Dedup" >> beam.Distinct()
             | "Parse" >> beam.ParDo(_ParseFile(self.fields)).with_outputs(REJECTED, LINES, main="records")
