@@ -171,7 +171,10 @@ def _storage_full(err: BaseException | None) -> str | None:
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno in _FULL:
             return err.strerror
-        why = next((os.strerror(e) for e in _FULL if os.strerror(e) in str(err)), None)
+        text = str(err)
+        if "mdb_txn_commit" in text and os.strerror(errno.EIO) in text:  # LMDB reports a failed write as EIO
+            return "LMDB could not write its pages: disk full, a file-size limit or an I/O error"
+        why = next((os.strerror(e) for e in _FULL if os.strerror(e) in text), None)
         if why:
             return why
         err = err.__cause__ or err.__context__

@@ -25,8 +25,10 @@ def setup_logging(quiet: bool) -> None:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("apache_beam", "absl", "urllib3", "httpx"):
+    for noisy in ("absl", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # A failing DoFn is logged by Beam with its traceback; the command reports the error in one line.
+    logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
     for handler in logging.getLogger().handlers:  # Beam warns about apitools from the root logger on import
         handler.addFilter(lambda record: not record.getMessage().startswith("apitools not found"))
 
