@@ -93,9 +93,16 @@ def train(
     The report (also written to ``out/finetune.json`` with ``extra`` merged in) holds the
     configuration, the data fingerprint, ``before`` and ``after`` figures, and timings.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads or threads)
+    try:
+        return _train(model_dir, examples, config, out, resume, progress, extra or {})
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model_dir, examples, config, out, resume, progress, extra) -> dict:
     started = time.perf_counter()
-    if config.threads:
-        torch.set_num_threads(config.threads)
     train_set, held_out = split(examples, config.eval_fraction)
     if not train_set:
         raise TrainingError("no training queries left after the held-out split; lower --eval-fraction or add logs")
@@ -132,7 +139,7 @@ def train(
         "final_loss": loss,
         "resumed_from_step": start,
         "seconds": round(seconds, 2),
-        **(extra or {}),
+        **extra,
     }
     save_model(model, tokenizer, model_dir, out, report)
     ckpt.remove()
@@ -235,7 +242,7 @@ def _loop(model, tokenizer, data, config, opt, span, ckpt, device, amp, progress
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = float(out.loss)
+        loss = out.loss.item()
         if step % config.checkpoint_every == 0 and step < total:
             ckpt.save(model, optimizer, scheduler, step)
         report(Step(step, total, loss, len(batch["input_ids"]), time.perf_counter() - began))
