@@ -68,7 +68,7 @@ def finetune(**kw: Any) -> None:
     from training import TrainingError
     from training.checkpoint import CheckpointError
 
-    progress = _progress_bar() if sys.stderr.isatty() and not kw["quiet"] else None
+    progress = ProgressBar() if sys.stderr.isatty() and not kw["quiet"] else None
     try:
         report = run_finetune(_options(kw, picked), beam_args(kw["runner"], list(kw["beam_options"])), progress)
     except (BuildError, ModelError, TrainingError, CheckpointError) as err:
@@ -107,7 +107,7 @@ def _options(kw: dict, picked: list[str]):
     )
 
 
-class _progress_bar:  # noqa: N801 (a callable used like a function)
+class ProgressBar:
     """A tqdm bar on stderr with loss, rate and ETA."""
 
     def __init__(self):
