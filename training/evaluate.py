@@ -16,6 +16,18 @@ import torch
 from inference.batching import token_budget_batches
 
 
+def masked_logits(model, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits at ``positions`` only (a boolean mask over the batch's tokens).
+
+    The vocabulary projection costs as much as the encoder on small models with large
+    vocabularies (MiniLM: 384 x 30,522), so it runs on the masked positions alone.
+    """
+    head = getattr(model, "cls", None) or getattr(model, "lm_head", None)
+    if head is None:
+        return model(**inputs).logits[positions]
+    return head(model.base_model(**inputs).last_hidden_state[positions])
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
 
@@ -40,10 +52,9 @@ def evaluate_mlm(model, tokenizer, keys: list[str], device: torch.device, dtype=
     correct, nll = 0, 0.0
     for batch in token_budget_batches([len(v[0]) for v in variants], budget):
         padded = tokenizer.pad({"input_ids": [variants[i][0] for i in batch]}, return_tensors="pt").to(device)
+        positions = padded["input_ids"] == tokenizer.mask_token_id
         with _autocast(device, dtype):
-            logits = model(**padded).logits
-        rows = torch.arange(len(batch), device=device)
-        at = logits[rows, torch.tensor([variants[i][1] for i in batch], device=device)].float()
+            at = masked_logits(model, dict(padded), positions).float()
         truth = torch.tensor([variants[i][2] for i in batch], device=device)
         correct += int((at.argmax(dim=-1) == truth).sum())
         nll += float(torch.nn.functional.cross_entropy(at, truth, reduction="sum"))

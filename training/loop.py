@@ -24,9 +24,9 @@ from transformers import get_linear_schedule_with_warmup
 from inference.device import resolve_device, resolve_dtype
 from training.checkpoint import Checkpoint, signature
 from training.data import Example, data_fingerprint, labels_of, sampling_weights, split
-from training.evaluate import evaluate_classifier, evaluate_mlm
+from training.evaluate import evaluate_classifier, evaluate_mlm, masked_logits
 from training.heads import load_for_training
-from training.masking import mask_batch
+from training.masking import IGNORE, mask_batch
 from training.output import save_model
 
 log = logging.getLogger(__name__)
@@ -114,15 +114,16 @@ def _train(model_dir, examples, config, out, resume, progress, extra) -> dict:
     data = _encode(tokenizer, train_set, config, labels)
     total = _total_steps(config, data)
     evaluate = _evaluator(model, tokenizer, held_out[: config.eval_max], labels, device, amp)
-    before = evaluate()
+    before, before_seconds = _timed(evaluate)
     log.info("before: %s", before)
     ckpt = Checkpoint(Path(out) / ".checkpoint", signature(config, data_fingerprint(examples), model_dir))
     optimizer, scheduler = _optimizer(model, config, total)
     start = ckpt.restore(model, optimizer, scheduler) if resume else 0
-    loss = _loop(model, tokenizer, data, config, (optimizer, scheduler), (start, total), ckpt, device, amp, progress)
-    after = evaluate()
+    (loss, drawn), train_seconds = _timed(
+        _loop, model, tokenizer, data, config, (optimizer, scheduler), (start, total), ckpt, device, amp, progress
+    )
+    after, after_seconds = _timed(evaluate)
     log.info("after: %s", after)
-    seconds = time.perf_counter() - started
     report = {
         "task": config.task,
         "config": dataclasses.asdict(config) | {"steps": total, "dtype": _dtype_name(amp), "device": str(device)},
@@ -138,12 +139,23 @@ def _train(model_dir, examples, config, out, resume, progress, extra) -> dict:
         "after": after,
         "final_loss": loss,
         "resumed_from_step": start,
-        "seconds": round(seconds, 2),
+        "seconds": round(time.perf_counter() - started, 2),
+        "timing": {
+            "train_seconds": round(train_seconds, 2),
+            "eval_seconds": round(before_seconds + after_seconds, 2),
+            "queries_drawn": drawn,
+            "queries_per_second": round(drawn / train_seconds, 1) if train_seconds else 0.0,
+        },
         **extra,
     }
     save_model(model, tokenizer, model_dir, out, report)
     ckpt.remove()
     return report
+
+
+def _timed(fn, *args):
+    began = time.perf_counter()
+    return fn(*args), time.perf_counter() - began
 
 
 def _autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -224,29 +236,40 @@ def _batch(tokenizer, data: _Data, config: TrainConfig, generator: torch.Generat
     return {"input_ids": inputs, "attention_mask": batch["attention_mask"], "labels": labels}
 
 
-def _loop(model, tokenizer, data, config, opt, span, ckpt, device, amp, progress) -> float | None:
-    """Steps ``span[0]+1 .. span[1]``; a checkpoint every ``checkpoint_every`` steps."""
+def _loop(model, tokenizer, data, config, opt, span, ckpt, device, amp, progress) -> tuple[float | None, int]:
+    """Steps ``span[0]+1 .. span[1]``; a checkpoint every ``checkpoint_every`` steps. (last loss, queries drawn)"""
     optimizer, scheduler = opt
     start, total = span
     report = progress or _log_progress(total)
-    began, loss = time.perf_counter(), None
+    began, loss, drawn = time.perf_counter(), None, 0
     model.train()
     for step in range(start + 1, total + 1):
         generator = torch.Generator().manual_seed(_step_seed(config.seed, step))
         torch.manual_seed(_step_seed(config.seed, step))  # dropout
         batch = {k: v.to(device) for k, v in _batch(tokenizer, data, config, generator).items()}
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = model(**batch)
-        out.loss.backward()
+            loss_tensor = _loss(model, batch, config.task)
+        loss_tensor.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = out.loss.item()
+        loss = loss_tensor.item()
+        drawn += len(batch["input_ids"])
         if step % config.checkpoint_every == 0 and step < total:
             ckpt.save(model, optimizer, scheduler, step)
         report(Step(step, total, loss, len(batch["input_ids"]), time.perf_counter() - began))
-    return loss
+    return loss, drawn
+
+
+def _loss(model, batch: dict, task: str) -> torch.Tensor:
+    """Classifier loss, or masked-LM cross-entropy over the chosen positions only."""
+    if task == "classify":
+        return model(**batch).loss
+    labels = batch["labels"]
+    chosen = labels != IGNORE
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return torch.nn.functional.cross_entropy(masked_logits(model, inputs, chosen).float(), labels[chosen])
 
 
 def _log_progress(total: int) -> Callable[[Step], None]:
