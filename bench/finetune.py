@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.loggen import generate
-from pipelines.finetune import FinetuneOptions, finetune
-from training import TrainConfig
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # import the repo's packages when run as a script
+from bench.loggen import generate  # noqa: E402
+from pipelines.finetune import FinetuneOptions, finetune  # noqa: E402
+from runners.presets import beam_args  # noqa: E402
+from training import TrainConfig  # noqa: E402
 
 
 def main() -> None:
@@ -26,14 +30,21 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=20_000)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("apache_beam").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         logs = Path(tmp) / "logs.jsonl"
         with open(logs, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in generate(args.lines, args.distinct))
-        config = TrainConfig(steps=args.steps, batch_tokens=args.batch_tokens, checkpoint_every=10**9)
+        config = TrainConfig(
+            steps=args.steps, batch_tokens=args.batch_tokens, checkpoint_every=10**9, threads=args.threads
+        )
         started = time.perf_counter()
-        report = finetune(FinetuneOptions(logs=(str(logs),), out=str(Path(tmp) / "out"), train=config), [])
+        report = finetune(
+            FinetuneOptions(logs=(str(logs),), out=str(Path(tmp) / "out"), train=config), beam_args("direct", [])
+        )
         total = time.perf_counter() - started
     train_seconds = report["timing"]["train_seconds"]
     per_step = train_seconds / args.steps
