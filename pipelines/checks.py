@@ -43,7 +43,7 @@ def check_logs(patterns: tuple[str, ...], fields: LogFields) -> list[str]:
         paths.extend(m.path for m in matched)
     formats = Counter(format_of(path, fields.format) for path in paths)
     log.info("reading %d log files: %s", len(paths), ", ".join(f"{n} {fmt}" for fmt, n in sorted(formats.items())))
-    wanted = [f for f in (fields.query, fields.count, fields.user, fields.time) if f]
+    wanted = [f for f in (fields.query, fields.count, fields.user, fields.time, fields.label) if f]
     for path in {format_of(p, fields.format): p for p in paths}.values():
         with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as stream:
             columns = columns_of(path, stream, fields)
@@ -51,7 +51,7 @@ def check_logs(patterns: tuple[str, ...], fields: LogFields) -> list[str]:
         if missing:
             raise BuildError(
                 f"{path} has no column {missing[0]!r} (columns: {', '.join(columns)}); "
-                "pass --query-field/--count-field/--user-field/--time-field"
+                "pass --query-field/--count-field/--user-field/--time-field/--label-field"
             )
     return paths
 
