@@ -20,6 +20,7 @@ from apache_beam.pvalue import AsList, AsSingleton
 
 from inference.engine import Engine, EngineConfig
 from pipelines.checks import BuildError, check_logs, fidelity_gate, previous_snapshot
+from pipelines.watch import run_and_watch
 from store.format import new_manifest, read_manifest
 from store.publish import new_snapshot_id, new_staging, publish
 from store.writer import save_manifest, write_manifest
@@ -126,7 +127,8 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
     started = time.perf_counter()
     check_logs(options.logs, options.fields)
     engine = Engine(options.engine)
-    log.info("model %s: %s, fingerprint %s", engine.model_dir, engine.settings, engine.fingerprint[:16])
+    settings = ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in engine.settings.items())
+    log.info("model %s: %s; fingerprint %s", engine.model_dir, settings, engine.fingerprint[:16])
     schema = engine.schema | ({"encoding": options.store_dtype} if engine.config.task == "embed" else {})
     previous = previous_snapshot(options.out, engine.fingerprint, schema) if options.reuse else None
     snapshot_id = new_snapshot_id()
@@ -136,8 +138,10 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
         reused_from=previous and read_manifest(previous)["snapshot_id"], build=_recorded_options(options),
     )  # fmt: skip
     try:
-        with share_engine(engine), beam.Pipeline(options=PipelineOptions(beam_args)) as p:
+        with share_engine(engine):
+            p = beam.Pipeline(options=PipelineOptions(beam_args))
             build_pipeline(p, options, engine, schema, str(staging), manifest, previous and str(previous))
+            run_and_watch(p)
         manifest = read_manifest(staging)
         if manifest["stats"]["accepted"] == 0:
             reasons = manifest["stats"]["rejected_by_reason"]
@@ -148,6 +152,7 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
             )
         manifest["fidelity"] = fidelity_gate(staging, engine, options, previous, manifest["stats"]["computed"])
         save_manifest(staging, manifest)
+        log.info("publishing snapshot %s", snapshot_id)
         publish(options.out, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

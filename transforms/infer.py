@@ -21,6 +21,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from inference.engine import Engine, EngineConfig
 from store.format import encode_value
 from store.snapshot import Snapshot
+from transforms.progress import Ticker
 from transforms.stats import sum_dicts
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,22 @@ class _Reuse(beam.DoFn):
     def __init__(self, previous: str):
         self.previous = previous
 
+        self.reused = Metrics.counter("querycache", "reused")
+
     def setup(self):
         self.snapshot = Snapshot.open(self.previous, verify=False)
+        self.ticker = Ticker(log, "infer")
 
     def process(self, row):
         if self.snapshot.get_raw(row[0]) is None:
             yield row
         else:  # no value in flight: WriteSnapshot copies it from the previous snapshot
+            self.reused.inc()
+            self.ticker.add(skipped=1)
             yield beam.pvalue.TaggedOutput(REUSED, (*row, None))
+
+    def finish_bundle(self):
+        self.ticker.flush()
 
     def teardown(self):
         self.snapshot.close()
@@ -86,6 +95,7 @@ class RunBert(beam.DoFn):
             )
         log.info("model ready in %.1fs (%s on %s)", time.perf_counter() - start, self.engine.dtype, self.engine.device)
         self.done, self.started, self.last_log = 0, time.perf_counter(), 0.0
+        self.ticker = Ticker(log, "infer")
 
     def start_bundle(self):
         self.buffer = []
@@ -106,7 +116,7 @@ class RunBert(beam.DoFn):
         rows, self.buffer = self.buffer, []
         if not rows:
             return
-        results, stats = self.engine.run([row[0] for row in rows])
+        results, stats = self.engine.run([row[0] for row in rows], progress=lambda n: self.ticker.add(done=n))
         for row, result in zip(rows, results):
             if result is None:
                 yield beam.pvalue.TaggedOutput(UNANSWERED, "mask_truncated")
@@ -136,7 +146,10 @@ class RunBert(beam.DoFn):
         now = time.perf_counter()
         if now - self.last_log > 10:
             self.last_log = now
-            log.info("inferred %d queries in this worker (%.0f queries/s)", self.done, self.done / (now - self.started))
+            rate = self.done / (now - self.started)
+            self.ticker.flush(logging.INFO, "inferred %d queries in this worker (%.0f queries/s)", self.done, rate)
+        else:
+            self.ticker.flush()
 
 
 class ReuseOrInfer(beam.PTransform):

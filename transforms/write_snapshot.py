@@ -9,11 +9,13 @@ import zlib
 from pathlib import Path
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 
 from store.format import shard_of
 from store.keys import key_bytes
 from store.snapshot import Snapshot
 from store.writer import write_shard
+from transforms.progress import tick
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,9 @@ class WriteSnapshot(beam.PTransform):
             with Snapshot.open(self.previous, verify=False) as previous:
                 rows = [r if r[4] is not None else (*r[:4], previous.get_raw(r[0])) for r in rows]
         info = write_shard(self.directory, index, self.shards, rows, self.schema)
-        log.info("wrote shard %d of %d: %d rows", index + 1, self.shards, info["rows"])
+        Metrics.counter("querycache", "rows_written").inc(info["rows"])
+        progress = tick("write", done=1, total=self.shards, items=info["rows"])
+        log.info("wrote shard %d of %d: %d rows", index + 1, self.shards, info["rows"], extra=progress)
         return {"index": index, **info}
 
 
