@@ -2,7 +2,9 @@
 
     with progress_display(quiet=False) as progress:    # also fed by the Ticks that steps log
         copy = progress.stage("copy", total=n_bytes, unit="bytes")
-        copy.advance(4096)
+        copy.advance(4096)                               # and for a training loop:
+        train = progress.stage("train", total=steps, unit="steps")
+        train.advance(1); train.note(f"loss {loss:.3f}")
 
 While the display runs, log records that carry a :class:`transforms.progress.Tick` move the bars
 (reading: bytes and lines; inference: queries of the head, rate and ETA; writing: shards and rows)
@@ -71,6 +73,8 @@ class _Detail(ProgressColumn):
             parts.append(f"{human.size(int(task.speed))}/s" if unit == "bytes" else human.rate(task.speed, unit))
         if f["skipped_count"]:
             parts.append(f"{human.count(f['skipped_count'])} {f['skipped']}")
+        if f["note"]:
+            parts.append(f["note"])
         return Text(" \N{MIDDLE DOT} ".join(parts), no_wrap=True, overflow="ellipsis")
 
 
@@ -90,6 +94,11 @@ class Stage:
         with self._lock:
             self.total = total
         self._show()
+
+    def note(self, text: str) -> None:
+        """A short figure after the counts, such as ``loss 2.31``."""
+        if self._progress is not None:
+            self._progress.update(self._task, note=text)
 
     def _show(self) -> None:
         if self._progress is None:
@@ -134,7 +143,7 @@ class Display:
                 if self._progress is not None:
                     task = self._progress.add_task(
                         kind.label, total=total, unit=kind.unit, items=kind.items, item_count=0,
-                        skipped=kind.skipped, skipped_count=0, done=0, total_left=total,
+                        skipped=kind.skipped, skipped_count=0, done=0, total_left=total, note="",
                     )  # fmt: skip
                 self.stages[name] = Stage(self._progress, task, total)
                 return self.stages[name]
