@@ -181,6 +181,8 @@ class _TickHandler(logging.Handler):
 
 def terminal() -> Console | None:
     """A console on stderr when stderr is an interactive terminal (not a pipe, file or dumb terminal)."""
+    if not getattr(sys.stderr, "isatty", lambda: False)():  # not rich's check alone: FORCE_COLOR forces it
+        return None
     console = Console(stderr=True)
     return console if console.is_terminal and not console.is_dumb_terminal else None
 

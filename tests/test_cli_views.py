@@ -52,7 +52,12 @@ def builds(tiny_bert, tmp_path_factory):
     assert a.exit_code == 0, a.output
     args = [a for a in build_args(log_b, root, tiny_bert) if a not in ("--json", "--quiet")]
     b = subprocess.run(
-        [sys.executable, "-m", "runners.cli", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "runners.cli", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"FORCE_COLOR": "1"},  # rich would draw on a pipe with this; the display must not
     )
     assert b.returncode == 0, b.stderr
     return {"root": root, "a_stdout": a.stdout, "b": b, "records": records}
