@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -203,7 +204,7 @@ def test_version_names_the_engines_without_importing_them():
         "print([m for m in ('torch', 'apache_beam', 'transformers') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120).stdout
-    assert out.startswith("querycache 0.1.0\n") and out.rstrip().endswith("[]")
+    assert out.startswith(f"querycache {version('querycache')}\n") and out.rstrip().endswith("[]")
     for name in ("apache-beam", "torch", "transformers", "key function  nfkc-casefold-collapse v1"):
         assert name in out
 
