@@ -34,7 +34,6 @@ class _Reuse(beam.DoFn):
 
     def __init__(self, previous: str):
         self.previous = previous
-
         self.reused = Metrics.counter("querycache", "reused")
 
     def setup(self):
