@@ -62,30 +62,13 @@ def bench_pipeline(queries: list[str], model_dir: Path) -> float:
 
 
 def bench_runinference(queries: list[str], model_dir: Path, tmp: Path) -> float:
-    from apache_beam.ml.inference.base import PredictionResult, RunInference
-    from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerKeyedTensor
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from apache_beam.ml.inference.base import RunInference
+    from transformers import AutoTokenizer
 
-    state = tmp / "minilm.pt"
-    torch.save(AutoModel.from_pretrained(model_dir).state_dict(), state)
-    config = AutoConfig.from_pretrained(model_dir)
+    from bench.stock_runinference import handler
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-
-    def inference_fn(batch, model, device, inference_args, model_id=None):
-        ids = torch.nn.utils.rnn.pad_sequence([b["input_ids"] for b in batch], batch_first=True)
-        mask = torch.nn.utils.rnn.pad_sequence([b["attention_mask"] for b in batch], batch_first=True)
-        with torch.no_grad():
-            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
-        pooled = torch.nn.functional.normalize(pooled, dim=1)
-        return [PredictionResult(x, y) for x, y in zip(batch, pooled.numpy())]
-
-    handler = PytorchModelHandlerKeyedTensor(
-        state_dict_path=str(state),
-        model_class=AutoModel.from_config,
-        model_params={"config": config},
-        inference_fn=inference_fn,
-    )
+    model_handler = handler(model_dir, tmp)
 
     def tokenize(q):
         enc = tokenizer(q, truncation=True, max_length=256, return_tensors="pt")
@@ -93,7 +76,13 @@ def bench_runinference(queries: list[str], model_dir: Path, tmp: Path) -> float:
 
     def run():
         with beam.Pipeline(options=PipelineOptions(BEAM_ARGS)) as p:
-            _ = p | beam.Create(queries) | beam.Map(tokenize) | RunInference(handler) | beam.combiners.Count.Globally()
+            _ = (
+                p
+                | beam.Create(queries)
+                | beam.Map(tokenize)
+                | RunInference(model_handler)
+                | beam.combiners.Count.Globally()
+            )
 
     return len(queries) / timed(run)
 
@@ -110,14 +99,16 @@ def beam_overhead(queries: list[str]) -> float:
 
 
 def bench_beam_stage(queries: list[str], engine: Engine) -> float:
+    from inference.fingerprint import model_files
+    from transforms.model_stage import ShippedModel
+
     schema = engine.schema
+    model = ShippedModel(str(engine.model_dir), model_files(engine.model_dir), engine.fingerprint, engine.config)
 
     def run():
         with share_engine(engine), beam.Pipeline(options=PipelineOptions(BEAM_ARGS)) as p:
             rows = p | beam.Create([(q, 1, None, 1) for q in queries]) | beam.Reshuffle()
-            out = rows | beam.ParDo(RunBert(engine.config, engine.fingerprint, schema)).with_outputs(
-                "stats", "unanswered", main="rows"
-            )
+            out = rows | beam.ParDo(RunBert(model, schema)).with_outputs("stats", "unanswered", main="rows")
             _ = out.rows | beam.combiners.Count.Globally()
 
     return len(queries) / timed(run)

@@ -2,7 +2,8 @@
 
     python bench/lookup.py [--keys 200000] [--dim 384]
 
-Targets (issue 3): Snapshot.get >= 0.6x raw lmdb get + np.frombuffer; p99 < 10 us;
+Targets (issue 3, 11): Snapshot.get >= 0.8x raw lmdb get + np.frombuffer, get_many of 1,000 >= 1.2x
+a loop of those; p99 < 10 us;
 0 failed lookups across 10 swaps; snapshot size <= 1.35x the raw key + value bytes.
 """
 
@@ -15,6 +16,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,6 +45,52 @@ def throughput(fn, keys, rounds: int = 3) -> float:
             fn(k)
         best = max(best, len(keys) / (time.perf_counter() - start))
     return best
+
+
+class Ratio(NamedTuple):
+    ratio: float
+    figure: str
+
+
+def _interleaved(fns: dict, rounds: int) -> dict:
+    """Best seconds of each ``fns`` value over ``rounds``, taken in turn so load hits them alike."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def lookup_ratios(n: int, dim: int = 384) -> tuple[Ratio, Ratio]:
+    """``Snapshot.get`` against raw get+decode, and ``get_many`` of 1,000 against a loop of raw gets."""
+    with tempfile.TemporaryDirectory() as tmp:
+        results = make_results(n, dim)
+        write_snapshot(Path(tmp), results, {"encoding": "float32", "dim": dim})
+        keys = list(results)
+        del results
+        random.Random(1).shuffle(keys)
+        probe = keys[:50_000]
+        with Snapshot.open(tmp) as snap:
+            raw = raw_get(snap)
+            byte_keys = [k.encode() for k in probe]
+            t = _interleaved(
+                {"raw": lambda: [raw(k) for k in byte_keys], "get": lambda: [snap.get(q) for q in probe]}, 5
+            )
+            batches = [(probe[i : i + 1000], byte_keys[i : i + 1000]) for i in range(0, len(probe), 1000)]
+            m = _interleaved(
+                {
+                    "raw": lambda: [[raw(k) for k in b] for _, b in batches],
+                    "many": lambda: [snap.get_many(q) for q, _ in batches],
+                },
+                5,
+            )
+    per = 1e6 / len(probe)
+    return (
+        Ratio(t["raw"] / t["get"], f"get {t['get'] * per:.2f} us vs raw {t['raw'] * per:.2f} us per lookup"),
+        Ratio(m["raw"] / m["many"], f"get_many {m['many'] * per:.2f} us vs raw {m['raw'] * per:.2f} us per key"),
+    )
 
 
 def latencies(fn, keys) -> tuple[float, float]:
@@ -137,6 +185,8 @@ def main() -> None:
         base = figures["raw lmdb get + np.frombuffer"][0]
         for name, (rate, p50, p99) in figures.items():
             print(f"{name:<36} {rate:>10,.0f} gets/s  p50 {p50:5.2f} us  p99 {p99:5.2f} us  {rate / base:.2f}x raw")
+        get, many = lookup_ratios(args.keys, args.dim)
+        print(f"Snapshot.get {get.ratio:.2f}x raw ({get.figure}); get_many {many.ratio:.2f}x raw ({many.figure})")
         misses = [f"absent query {i}" for i in range(50_000)]
         print(f"{'Snapshot.get of a miss':<36} {throughput(snap.get, misses):>10,.0f} gets/s")
         raw2, snap2 = two_processes("raw", str(root), probe[:50_000]), two_processes("snap", str(root), probe[:50_000])

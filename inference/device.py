@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @functools.cache
@@ -31,16 +31,25 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """``auto`` becomes bf16, fp16 or fp32 for ``device``; int8 is CPU-only."""
+    """``auto`` becomes bf16, fp16 or fp32 for ``device``."""
     if dtype == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_bf16() else "fp32"
-    if dtype == "int8" and device.type != "cpu":
-        raise ValueError("--dtype int8 (dynamic quantisation) runs on the CPU only; use bf16 or fp16 on a GPU")
+    if dtype == "int8":  # bench/README.md: slower than bf16 and below the fidelity gate on MiniLM
+        raise ValueError("--dtype int8 is no longer offered (slower than bf16 and below the fidelity gate); use bf16")
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, fp32, bf16, fp16 or int8")
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, fp32, bf16 or fp16")
     return dtype
+
+
+def attention_for(device: torch.device) -> str:
+    """Attention kernel per device, as measured by bench/hardware.py: eager on CPUs, SDPA on GPUs.
+
+    On short queries the CPU's eager matmuls beat SDPA's kernels (bench/README.md); answers agree
+    within float rounding, so the choice is not part of the fingerprint.
+    """
+    return "eager" if device.type == "cpu" else "sdpa"
 
 
 def default_token_budget(device: torch.device) -> int:

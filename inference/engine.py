@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from inference.batching import token_budget_batches
-from inference.device import DTYPES, default_token_budget, resolve_device, resolve_dtype
+from inference.device import DTYPES, attention_for, default_token_budget, resolve_device, resolve_dtype
 from inference.fingerprint import fingerprint
 from inference.model import (
     ModelError,
@@ -83,6 +83,7 @@ class Engine:
         self.max_length = self.settings["max_length"]
         self.token_budget = config.token_budget or default_token_budget(self.device)
         self.streams = 1 if self.device.type != "cpu" else config.streams or os.cpu_count() or 1
+        self.attention = attention_for(self.device)
         self._pool = None
         if self.streams > 1:  # FACTS: two batches on two 1-thread streams beat one batch on two threads
             torch.set_num_threads(max(1, torch.get_num_threads() // self.streams))
@@ -109,8 +110,7 @@ class Engine:
         return settings
 
     def _place(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.dtype == "int8":
-            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        model.set_attn_implementation(self.attention)
         return model.to(device=self.device, dtype=DTYPES[self.dtype])
 
     def _schema(self, model: torch.nn.Module) -> dict:

@@ -96,7 +96,7 @@ def _iso(ctx, param, value):
     help="Drop queries with e-mails, phones, cards, IPs, long digit runs.",
 )
 @click.option("--max-query-chars", default=512, show_default=True, type=click.IntRange(1))
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
     "--pooling",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
+from collections.abc import Sequence
 
 KEY_FUNCTION = {"name": "nfkc-casefold-collapse", "version": 1}
 """Name and version of :func:`normalize`, recorded in every manifest."""
@@ -59,3 +60,27 @@ def key_bytes(key: str) -> bytes:
     """Encode a normalised key as it is stored in LMDB."""
     raw = key.encode()
     return raw if len(raw) <= MAX_KEY_BYTES else b"\x00" + hashlib.sha256(raw).digest()
+
+
+def query_key(query: str) -> bytes:
+    """``key_bytes(normalize(query))``, with the ASCII fast path inlined for the lookup hot path."""
+    if query.isascii() and query.isprintable():
+        raw = " ".join(query.lower().split()).encode()
+        return raw if len(raw) <= MAX_KEY_BYTES else key_bytes(raw.decode())
+    return key_bytes(normalize(query))
+
+
+def query_keys(queries: Sequence[str]) -> list[bytes]:
+    """``[query_key(q) for q in queries]``; a batch of printable ASCII queries is folded in one pass."""
+    if not queries:
+        return []
+    text = "\n".join(queries)
+    if text.isascii() and all(map(str.isprintable, queries)):  # so "\n" separates queries, " " is all the space
+        text = text.lower()
+        if "  " in text or " \n" in text or "\n " in text or text[:1] == " " or text[-1:] == " ":
+            raws = list(map(str.encode, map(" ".join, map(str.split, text.split("\n")))))
+        else:  # nothing to collapse or trim: the common case of keys that are already normalised
+            raws = text.encode().split(b"\n")
+        if max(map(len, raws)) <= MAX_KEY_BYTES:
+            return raws
+    return list(map(query_key, queries))

@@ -313,7 +313,7 @@ def test_fill_mask_queries_without_a_mask_are_rejected_records(cli, tiny_bert, t
 
 def test_fidelity_gate_fails_a_broken_setting_and_publishes_nothing(cli, tiny_bert, tmp_path):
     log = write_log(tmp_path, "jsonl", make_records(100))
-    result = cli(*build_args(log, tmp_path / "out", tiny_bert, "--dtype", "int8", "--min-cosine", "0.99999"))
+    result = cli(*build_args(log, tmp_path / "out", tiny_bert, "--dtype", "bf16", "--min-cosine", "0.99999999"))
     assert result.exit_code == 2 and "fidelity gate failed" in result.output
     assert current_id(tmp_path / "out") is None and not list((tmp_path / "out/snapshots").iterdir())
 

@@ -125,10 +125,19 @@ def test_fingerprint_is_stable_and_sensitive(tiny_bert, tmp_path):
     assert engine(copy).fingerprint != base
 
 
-def test_bf16_and_int8_stay_close_to_fp32(tiny_bert):
+def test_bf16_stays_close_to_fp32_and_int8_is_refused(tiny_bert):
     ref = np.stack(engine(tiny_bert)(QUERIES))
     assert cosine(np.stack(engine(tiny_bert, dtype="bf16")(QUERIES)), ref).min() >= 0.99
-    assert cosine(np.stack(engine(tiny_bert, dtype="int8")(QUERIES)), ref).min() >= 0.9
+    with pytest.raises(ModelError, match="int8"):
+        engine(tiny_bert, dtype="int8")
+
+
+def test_attention_kinds_give_the_same_answers(tiny_bert):
+    fast = engine(tiny_bert)
+    assert fast.attention == ("eager" if fast.device.type == "cpu" else "sdpa")
+    ref = Engine(EngineConfig(model_dir=str(tiny_bert), dtype="fp32"))
+    ref.model.set_attn_implementation("sdpa")
+    assert cosine(np.stack(fast(QUERIES)), np.stack(ref(QUERIES))).min() >= 0.9999
 
 
 def test_missing_head_and_bad_directories_are_clear_errors(tiny_bert, tmp_path):

@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from store.keys import MAX_KEY_BYTES, key_bytes, normalize
+from store.keys import MAX_KEY_BYTES, key_bytes, normalize, query_key, query_keys
 
 
 @settings(max_examples=3000)
@@ -43,3 +43,10 @@ def test_long_keys_are_hashed_below_the_lmdb_limit():
     raw = key_bytes("x" * 600)
     assert len(raw) <= MAX_KEY_BYTES and raw.startswith(b"\x00")
     assert key_bytes("short") == b"short"
+
+
+@given(st.lists(st.one_of(st.text(), st.text(alphabet=" aB\t\n", max_size=8), st.just("x" * 600)), max_size=6))
+def test_batched_key_bytes_match_the_key_function(queries):
+    want = [key_bytes(normalize(q)) for q in queries]
+    assert [query_key(q) for q in queries] == want
+    assert query_keys(queries) == want
