@@ -25,6 +25,7 @@ from apache_beam.pvalue import AsList, AsSingleton
 
 from inference.engine import Engine, EngineConfig
 from pipelines.checks import BuildError, check_logs, fidelity_gate, previous_snapshot
+from pipelines.watch import run_and_watch
 from store import fs, remote
 from store.format import SnapshotError, new_manifest, read_manifest
 from store.publish import current_id, new_snapshot_id, new_staging, publish
@@ -132,7 +133,8 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
     options = absolute_paths(options)
     check_logs(options.logs, options.fields)
     model, engine = ship_model(options.engine)
-    log.info("model %s: %s, fingerprint %s", model.source, engine.settings, engine.fingerprint[:16])
+    settings = ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in engine.settings.items())
+    log.info("model %s: %s; fingerprint %s", model.source, settings, engine.fingerprint[:16])
     schema = engine.schema | ({"encoding": options.store_dtype} if engine.config.task == "embed" else {})
     expected = _current(options.out)
     previous = previous_snapshot(options.out, engine.fingerprint, schema) if options.reuse else None
@@ -155,8 +157,9 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
 
 def _run(options, beam_args, model, schema, staging, manifest, previous) -> None:
     try:
-        with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
-            build_pipeline(p, options, model, schema, staging, manifest, previous)
+        p = beam.Pipeline(options=PipelineOptions(beam_args))
+        build_pipeline(p, options, model, schema, staging, manifest, previous)
+        run_and_watch(p)
     except Exception as err:  # a worker that sees no log file: name the pattern, not the runner's traceback
         found = re.search(re.escape(UNMATCHED) + r" (.*?) on this worker", str(err))
         if found is None:
@@ -216,11 +219,13 @@ def _gate_and_publish(options, engine: Engine, staging: str, previous: SnapshotR
                 fs.write_bytes(os.path.join(local, "manifest.json"), fs.read_bytes(fs.join(staging, "manifest.json")))
                 manifest["fidelity"] = fidelity_gate(local, engine, options, None, computed)
             fs.write_bytes(fs.join(staging, "manifest.json"), _manifest_bytes(manifest))
+            log.info("publishing snapshot %s", manifest["snapshot_id"])
             remote.publish(options.out, manifest["snapshot_id"], expected)
         else:
             local_previous = previous and previous.directory
             manifest["fidelity"] = fidelity_gate(staging, engine, options, local_previous, computed)
             save_manifest(staging, manifest)
+            log.info("publishing snapshot %s", manifest["snapshot_id"])
             publish(options.out, staging, expected)
     except (SnapshotError, ValueError) as err:
         raise BuildError(str(err)) from None

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 
-from runners import finetune, manage
-from runners.common import UserError, echo_json, setup_logging
+from runners import finetune, manage, views
+from runners.common import UserError, echo_json, print_version, setup_logging
 from runners.inputs import check_inputs, head_selection, input_options, log_fields
+from runners.progress import progress_display
 from store import SnapshotError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=print_version,
+    help="Versions of querycache, Beam, torch, transformers and the key function.",
+)
 def main() -> None:
     """Precompute BERT answers for the head of your query logs and serve them from disk.
 
@@ -20,6 +30,10 @@ def main() -> None:
     Example:
       querycache build --logs 'examples/logs/*.jsonl' --out /tmp/qc
       querycache lookup /tmp/qc "cheap flights to paris"
+
+    \b
+    Shell completion (bash; zsh_source and fish_source for the others):
+      eval "$(_QUERYCACHE_COMPLETE=bash_source querycache)"
     """
 
 
@@ -101,11 +115,13 @@ def build(**kw: Any) -> None:
     from inference.model import ModelError
     from pipelines.build import build as run_build
     from pipelines.checks import BuildError
-    from runners.presets import beam_args
+    from runners.presets import beam_args, in_process
 
     options = _build_options(kw, picked)
+    args = beam_args(kw["runner"], list(kw["beam_options"]))
     try:
-        summary = run_build(options, beam_args(kw["runner"], list(kw["beam_options"])))
+        with progress_display(kw["quiet"], live=in_process(args)):
+            summary = run_build(options, args)
     except (BuildError, ModelError, SnapshotError) as err:
         raise UserError(str(err)) from None
     except OSError as err:  # disk full, permissions: the environment, not querycache
@@ -113,7 +129,18 @@ def build(**kw: Any) -> None:
     if kw["as_json"]:
         echo_json(summary)
     else:
-        _print_summary(summary)
+        click.echo(views.build_summary(summary, _published_manifest(kw["out"], summary["snapshot_id"])))
+
+
+def _published_manifest(root: str, snapshot_id: str) -> dict | None:
+    """The manifest the summary came from, for the words of the head selection (None where unreadable)."""
+    from store.format import read_manifest
+    from store.publish import SNAPSHOTS
+
+    try:
+        return read_manifest(Path(root) / SNAPSHOTS / snapshot_id)
+    except (SnapshotError, OSError):
+        return None
 
 
 def _build_options(kw: dict, picked: list[str]):
@@ -152,21 +179,6 @@ def _build_options(kw: dict, picked: list[str]):
     )
 
 
-def _print_summary(s: dict) -> None:
-    reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["rejected_by_reason"].items())) or "none"
-    dropped = ", ".join(f"{k} {v}" for k, v in sorted(s["dropped_for_privacy"].items())) or "none"
-    click.echo(
-        f"snapshot {s['snapshot_id']} published in {s['seconds']:.1f}s\n"
-        f"  lines read        {s['lines_read']} = accepted {s['accepted']} + rejected {s['rejected']} ({reasons})\n"
-        f"  distinct queries  {s['distinct_queries']}\n"
-        f"  head              {s['head_size']} queries covering {s['traffic_covered']:.1%} of traffic\n"
-        f"  privacy drops     {dropped}\n"
-        f"  results           {s['computed']} computed ({s['inference_queries_per_second']:.0f} queries/s), "
-        f"{s['reused']} reused\n"
-        f"  fidelity          {s['fidelity']}"
-    )
-
-
 @main.command("model-info")
 @click.argument("model_dir", type=click.Path(), required=False)
 @click.option("--json", "as_json", is_flag=True)
@@ -188,12 +200,7 @@ def model_info(model_dir: str | None, as_json: bool) -> None:
     if as_json:
         echo_json(info)
         return
-    click.echo(f"model  {info['model_dir']}")
-    for task, t in info["tasks"].items():
-        click.echo(
-            f"  {task:<10} "
-            + (f"ok  fingerprint {t['fingerprint']}  {t['settings']}" if t["ok"] else f"no  {t['error']}")
-        )
+    click.echo(views.model_info(info))
 
 
 for command in (

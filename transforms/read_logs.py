@@ -6,8 +6,11 @@ import logging
 
 import apache_beam as beam
 from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressedFile
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 
+from transforms.progress import Ticker
 from transforms.records import LogFields, parse_stream
 
 log = logging.getLogger(__name__)
@@ -17,19 +20,38 @@ REJECTED, LINES = "rejected", "lines"
 class _ParseFile(beam.DoFn):
     def __init__(self, fields: LogFields):
         self.fields = fields
+        self.lines_read = Metrics.counter("querycache", "lines_read")
+        self.bytes_read = Metrics.counter("querycache", "bytes_read")
 
     def process(self, readable: fileio.ReadableFile):
         source = readable.metadata.path
-        lines = 0
+        lines = position = 0
+        ticker = Ticker(log, "read")
         with readable.open() as stream:
+            raw = not isinstance(stream, CompressedFile)  # a compressed file counts its bytes when done
             for item in parse_stream(source, stream, self.fields):
                 lines += 1
+                if lines % 4096 == 0:
+                    now = stream.tell() if raw else 0
+                    ticker.add(done=now - position, items=4096)
+                    position = now
                 if isinstance(item, dict):
                     yield beam.pvalue.TaggedOutput(REJECTED, item)
                 else:
                     yield item
-        log.info("read %d lines from %s", lines, source)
+        size = _size(source)
+        ticker.add(done=size - position, items=lines % 4096)
+        ticker.flush(logging.INFO, "read %d lines from %s", lines, source)
+        self.lines_read.inc(lines)
+        self.bytes_read.inc(size)
         yield beam.pvalue.TaggedOutput(LINES, lines)
+
+
+def _size(path: str) -> int:
+    try:
+        return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+    except Exception:  # noqa: BLE001 - progress only: a file that cannot be stat'ed again counts 0 bytes
+        return 0
 
 
 UNMATCHED = "querycache: no readable file matches --logs"

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton
 
 from store.keys import key_bytes
 from transforms.privacy import pii_reason
+from transforms.progress import tick
 from transforms.selection import Selection, plan_head
 
 DROPPED, TIED = "dropped", "tied"
@@ -78,7 +80,9 @@ def _plan_and_report(histogram: dict, total_traffic: int, selection: Selection) 
         sum(histogram.values()),
         plan["threshold"],
         100 * plan["head_traffic"] / total_traffic if total_traffic else 0.0,
+        extra=tick("infer", total=plan["head_size"]),
     )
+    Metrics.gauge("querycache", "head_size").set(plan["head_size"])
     return plan
 
 
