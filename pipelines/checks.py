@@ -55,6 +55,15 @@ def check_logs(patterns: tuple[str, ...], fields: LogFields) -> list[str]:
     return paths
 
 
+def check_accepted(patterns: tuple[str, ...], accepted: int, rejected_by_reason: dict) -> None:
+    """Raise BuildError when no record of the logs was accepted, naming the most common rejection."""
+    if accepted == 0:
+        top = max(rejected_by_reason, key=rejected_by_reason.get) if rejected_by_reason else "none"
+        raise BuildError(
+            f"no query in {', '.join(patterns)} was accepted (most rejections: {top}); check --format and --query-field"
+        )
+
+
 def previous_snapshot(root: str, fingerprint: str, schema: dict) -> Path | None:
     """The current snapshot under ``root`` when it holds results of this model version and schema."""
     try:
