@@ -113,12 +113,32 @@ def _finalize(staging: str, manifest: dict, shards: list, dead_files: list, stat
         "ties": "smallest UTF-8 key bytes first",
         "rank": "1 + head queries with a greater count",
     }
+    cost = _inference_cost(manifest, inference)
     write_manifest(
         staging,
-        {**manifest, "stats": stats, "selection": selection, "rejected": sorted(rejected_files)},
+        {
+            **manifest,
+            "stats": stats,
+            "selection": selection,
+            "inference_cost": cost,
+            "rejected": sorted(rejected_files),
+        },
         shards,
         rejected_files,
     )
+
+
+def _inference_cost(manifest: dict, inference: dict) -> dict | None:
+    """Engine seconds per query measured here, or those of the snapshot whose results were all reused."""
+    if not inference.get("queries"):
+        return manifest.get("inference_cost")
+    return {
+        "seconds_per_query": inference["seconds"] / inference["queries"],
+        "queries": inference["queries"],
+        "measured_in": manifest["snapshot_id"],
+        "dtype": manifest["model"].get("dtype"),
+        "device": manifest["model"].get("device"),
+    }
 
 
 def build(options: BuildOptions, beam_args: list[str]) -> dict:
@@ -134,6 +154,7 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
     manifest = new_manifest(
         snapshot_id, engine.config.task, schema, engine.describe(),
         reused_from=previous and read_manifest(previous)["snapshot_id"], build=_recorded_options(options),
+        inference_cost=previous and read_manifest(previous).get("inference_cost"),
     )  # fmt: skip
     try:
         with share_engine(engine), beam.Pipeline(options=PipelineOptions(beam_args)) as p:

@@ -9,16 +9,19 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from inference.engine import Engine, EngineConfig
 from store.format import SnapshotError, read_manifest
 from store.publish import resolve
 from store.snapshot import Snapshot
 from transforms.records import LogFields, columns_of, format_of
+
+if TYPE_CHECKING:  # the engine (torch) loads only where a build checks fidelity
+    from inference.engine import Engine, EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,8 @@ def fidelity_gate(staging: os.PathLike, engine: Engine, options, previous: os.Pa
 
     Reused answers passed the gate of their own build; with nothing computed there is nothing to check.
     """
+    from inference.engine import Engine
+
     if not options.fidelity_sample or not computed:
         return {"sample": 0, "passed": True}
     with Snapshot.open(staging, verify=False) as snapshot:

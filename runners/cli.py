@@ -6,8 +6,9 @@ from typing import Any
 
 import click
 
-from runners import manage
+from runners import manage, replay
 from runners.common import UserError, echo_json, setup_logging
+from runners.inputs import log_fields, log_input_options
 from store import SnapshotError
 
 
@@ -28,21 +29,8 @@ def _fraction(ctx, param, value):
     return value
 
 
-def _iso(ctx, param, value):
-    if value is None:
-        return None
-    from transforms.records import parse_time
-
-    try:
-        return parse_time(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not ISO 8601; for example 2026-11-01T00:00:00Z") from None
-
-
 @main.command(context_settings={"ignore_unknown_options": False})
-@click.option(
-    "--logs", "logs", multiple=True, required=True, help="Log files: a path or glob on any Beam filesystem; repeatable."
-)
+@log_input_options
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Snapshot root (CURRENT and snapshots/ live here)."
 )
@@ -54,19 +42,6 @@ def _iso(ctx, param, value):
 @click.option(
     "--fill-top-k", default=5, show_default=True, type=click.IntRange(1, 1000), help="Fill-mask predictions per mask."
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["auto", "text", "jsonl", "csv", "tsv", "parquet"]),
-    default="auto",
-    show_default=True,
-)
-@click.option("--query-field", default="query", show_default=True)
-@click.option("--count-field", help="Field holding a positive integer weight per record.")
-@click.option("--user-field", help="Field identifying the user (for --min-users).")
-@click.option("--time-field", help="Field holding an ISO 8601 time or epoch seconds (for --since/--until).")
-@click.option("--since", callback=_iso, help="Keep records at or after this ISO 8601 time.")
-@click.option("--until", callback=_iso, help="Keep records before this ISO 8601 time.")
 @click.option("--top-k", type=click.IntRange(1), help="Keep the K most frequent queries.")
 @click.option("--min-count", type=click.IntRange(1), help="Keep queries seen at least N times (default 1).")
 @click.option(
@@ -146,8 +121,6 @@ def build(**kw: Any) -> None:
         )
     if kw["min_users"] and not kw["user_field"]:
         raise UserError("--min-users needs --user-field, the field that identifies users")
-    if (kw["since"] or kw["until"]) and not kw["time_field"]:
-        raise UserError("--since/--until need --time-field, the field that holds the record time")
     from inference.model import ModelError
     from pipelines.build import build as run_build
     from pipelines.checks import BuildError
@@ -170,7 +143,6 @@ def _build_options(kw: dict, picked: list[str]):
     """Map the command line onto BuildOptions (imports deferred: `querycache lookup` needs no torch)."""
     from inference.engine import EngineConfig
     from pipelines.build import BuildOptions
-    from transforms.records import LogFields
     from transforms.selection import Selection
 
     mode = picked[0] if picked else "min_count"
@@ -190,15 +162,7 @@ def _build_options(kw: dict, picked: list[str]):
             token_budget=kw["token_budget"],
             streams=kw["streams"] or (1 if kw["runner"] == "multiprocess" else 0),
         ),
-        fields=LogFields(
-            format=kw["fmt"],
-            query=kw["query_field"],
-            count=kw["count_field"],
-            user=kw["user_field"],
-            time=kw["time_field"],
-            since=kw["since"],
-            until=kw["until"],
-        ),
+        fields=log_fields(kw),
         selection=Selection(mode, kw[mode] if picked else 1),
         min_users=kw["min_users"],
         scrub_pii=kw["scrub_pii"],
@@ -259,6 +223,7 @@ def model_info(model_dir: str | None, as_json: bool) -> None:
 
 for command in (manage.inspect, manage.lookup, manage.verify, manage.list_, manage.rollback_, manage.gc_):
     main.add_command(command)
+main.add_command(replay.replay)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
