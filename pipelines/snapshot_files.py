@@ -65,6 +65,6 @@ def locate_snapshot(path: str) -> SnapshotFiles:
     paths = [FileSystems.join(directory, rel) for rel in rels]
     for rel, result in zip(rels, FileSystems.match(paths)):
         sizes = [m.size_in_bytes for m in result.metadata_list]
-        if sizes != [manifest["files"][rel]["bytes"]]:
+        if sizes != [manifest["files"].get(rel, {}).get("bytes")]:
             raise SnapshotError(f"snapshot {directory} is corrupt: {rel} missing or not of the size the manifest says")
     return SnapshotFiles(directory, manifest, paths)

@@ -196,3 +196,22 @@ def test_user_mistakes_exit_2_with_one_line(replayed, tmp_path, change, message)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert len([line for line in result.output.splitlines() if line.strip()]) <= 3
+
+
+def test_a_build_that_reuses_every_result_keeps_the_measured_cost(replayed, tiny_bert):
+    from runners.cli import main
+
+    first = Snapshot.open(replayed.root).manifest
+    log = write_day(replayed.root.parent / "day1-again.jsonl", replayed.day1)
+    fields = ["--count-field", "count", "--user-field", "user", "--min-users", "2"]
+    result = CliRunner().invoke(
+        main, [str(a) for a in build_args(log, replayed.root, tiny_bert, "--top-k", "25", *fields)]
+    )
+    assert result.exit_code == 0, result.output
+    assert (json.loads(result.stdout)["computed"], json.loads(result.stdout)["reused"]) == (0, 25)
+    again = Snapshot.open(replayed.root).manifest
+    assert again["snapshot_id"] != first["snapshot_id"]
+    assert (
+        again["inference_cost"] == first["inference_cost"]
+        and first["inference_cost"]["measured_in"] == first["snapshot_id"]
+    )
