@@ -9,29 +9,37 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import AsList, AsSingleton
 
 from inference.engine import Engine, EngineConfig
 from pipelines.checks import BuildError, check_logs, fidelity_gate, previous_snapshot
-from store.format import new_manifest, read_manifest
-from store.publish import new_snapshot_id, new_staging, publish
-from store.writer import save_manifest, write_manifest
+from store import fs, remote
+from store.format import SnapshotError, new_manifest, read_manifest
+from store.publish import current_id, new_snapshot_id, new_staging, publish
+from store.remote import SnapshotRef
+from store.writer import save_manifest
 from transforms.count import CountQueries
 from transforms.infer import ReuseOrInfer, share_engine
+from transforms.model_stage import ShippedModel, ship_model
 from transforms.normalize import NormalizeQueries
-from transforms.read_logs import ReadQueryLogs
+from transforms.read_logs import UNMATCHED, ReadQueryLogs
 from transforms.records import LogFields
 from transforms.select_head import SelectHead
 from transforms.selection import Selection
 from transforms.stats import BY_VALUE, COUNT, MERGE, SUM, GatherStats
-from transforms.write_snapshot import WriteDeadLetters, WriteSnapshot
+from transforms.write_snapshot import WriteDeadLetters, WriteSnapshot, commit, shards_for
 
 log = logging.getLogger(__name__)
 STATISTICS = {
@@ -52,7 +60,7 @@ class BuildOptions:
     min_users: int | None = None
     scrub_pii: bool = True
     max_query_chars: int = 512
-    shards: int = 1
+    shards: int | None = None  # None: sized by the head (transforms.write_snapshot.shards_for)
     reuse: bool = True
     store_dtype: str = "float32"
     fidelity_sample: int = 256
@@ -64,22 +72,21 @@ class BuildOptions:
 def build_pipeline(
     p: beam.Pipeline,
     options: BuildOptions,
-    engine: Engine,
+    model: ShippedModel,
     schema: dict,
     staging: str,
     manifest: dict,
-    previous: str | None,
+    previous: SnapshotRef | None,
 ) -> None:
     """The data path of ../shared/DESIGN.md, one composite transform per arrow."""
-    template = engine.config.template if engine.config.task == "fill-mask" else None
+    template = model.config.template if model.config.task == "fill-mask" else None
     records, unreadable, lines = p | "ReadQueryLogs" >> ReadQueryLogs(list(options.logs), options.fields)
     keys, invalid = records | "NormalizeQueries" >> NormalizeQueries(options.max_query_chars, template)
     counts = keys | "CountQueries" >> CountQueries(users=options.fields.user is not None)
     head, plan, dropped = counts | "SelectHead" >> SelectHead(options.selection, options.min_users, options.scrub_pii)
-    rows, reused, inference, unanswered = head | "ReuseOrInfer" >> ReuseOrInfer(
-        engine.config, engine.fingerprint, schema, previous
-    )
-    shards = rows | "WriteSnapshot" >> WriteSnapshot(staging, options.shards, schema, previous)
+    rows, reused, inference, unanswered = head | "ReuseOrInfer" >> ReuseOrInfer(model, schema, previous)
+    shard_count = plan | "ShardCount" >> beam.Map(lambda plan: options.shards or shards_for(plan["head_size"], schema))
+    shards = rows | "WriteSnapshot" >> WriteSnapshot(staging, shard_count, schema, previous)
     rejected = (unreadable, invalid) | "DeadLetters" >> beam.Flatten()
     dead_files = rejected | "WriteDeadLetters" >> WriteDeadLetters(staging)
     stats = {
@@ -87,7 +94,7 @@ def build_pipeline(
         "rejected_by_reason": rejected | "Reasons" >> beam.Map(lambda r: r["reason"]),
         "dropped_for_privacy": dropped, "unanswered": unanswered, "inference": inference,
     } | "GatherStats" >> GatherStats(STATISTICS)  # fmt: skip
-    _ = p | "Start" >> beam.Create([staging]) | "WriteManifest" >> beam.Map(
+    _ = p | "Start" >> beam.Create([staging]) | "CommitSnapshot" >> beam.Map(
         _finalize, manifest, shards=AsList(shards), dead_files=AsList(dead_files), stats=AsSingleton(stats),
         plan=AsSingleton(plan))  # fmt: skip
 
@@ -113,19 +120,8 @@ def _finalize(staging: str, manifest: dict, shards: list, dead_files: list, stat
         "ties": "smallest UTF-8 key bytes first",
         "rank": "1 + head queries with a greater count",
     }
-    cost = _inference_cost(manifest, inference)
-    write_manifest(
-        staging,
-        {
-            **manifest,
-            "stats": stats,
-            "selection": selection,
-            "inference_cost": cost,
-            "rejected": sorted(rejected_files),
-        },
-        shards,
-        rejected_files,
-    )
+    head = {**manifest, "stats": stats, "selection": selection, "rejected": sorted(rejected_files)}
+    commit(staging, head | {"inference_cost": _inference_cost(manifest, inference)}, shards, rejected_files)
 
 
 def _inference_cost(manifest: dict, inference: dict) -> dict | None:
@@ -144,36 +140,109 @@ def _inference_cost(manifest: dict, inference: dict) -> dict | None:
 def build(options: BuildOptions, beam_args: list[str]) -> dict:
     """Run a build and publish its snapshot; return the summary. Raises BuildError for user mistakes."""
     started = time.perf_counter()
+    fs.configure(beam_args)
+    FileSystems.set_options(PipelineOptions(beam_args))
+    options = absolute_paths(options)
     check_logs(options.logs, options.fields)
-    engine = Engine(options.engine)
-    log.info("model %s: %s, fingerprint %s", engine.model_dir, engine.settings, engine.fingerprint[:16])
+    model, engine = ship_model(options.engine)
+    log.info("model %s: %s, fingerprint %s", model.source, engine.settings, engine.fingerprint[:16])
     schema = engine.schema | ({"encoding": options.store_dtype} if engine.config.task == "embed" else {})
+    expected = _current(options.out)
     previous = previous_snapshot(options.out, engine.fingerprint, schema) if options.reuse else None
     snapshot_id = new_snapshot_id()
-    staging = new_staging(options.out, snapshot_id)
+    staging = _staging(options.out, snapshot_id)
+    describe = engine.describe() | {"model_dir": model.source}
     manifest = new_manifest(
-        snapshot_id, engine.config.task, schema, engine.describe(),
-        reused_from=previous and read_manifest(previous)["snapshot_id"], build=_recorded_options(options),
-        inference_cost=previous and read_manifest(previous).get("inference_cost"),
+        snapshot_id, engine.config.task, schema, describe,
+        reused_from=previous and previous.manifest["snapshot_id"], build=_recorded_options(options),
+        inference_cost=previous and previous.manifest.get("inference_cost"),
     )  # fmt: skip
     try:
-        with share_engine(engine), beam.Pipeline(options=PipelineOptions(beam_args)) as p:
-            build_pipeline(p, options, engine, schema, str(staging), manifest, previous and str(previous))
-        manifest = read_manifest(staging)
-        if manifest["stats"]["accepted"] == 0:
-            reasons = manifest["stats"]["rejected_by_reason"]
-            top = max(reasons, key=reasons.get) if reasons else "none"
-            raise BuildError(
-                f"no query in {', '.join(options.logs)} was accepted (most rejections: {top}); "
-                "check --format and --query-field"
-            )
-        manifest["fidelity"] = fidelity_gate(staging, engine, options, previous, manifest["stats"]["computed"])
-        save_manifest(staging, manifest)
-        publish(options.out, staging)
+        with share_engine(engine):
+            _run(options, beam_args, model, schema, staging, manifest, previous)
+        manifest = _gate_and_publish(options, engine, staging, previous, expected)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _discard(staging)
         raise
     return summary(manifest, time.perf_counter() - started)
+
+
+def _run(options, beam_args, model, schema, staging, manifest, previous) -> None:
+    try:
+        with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
+            build_pipeline(p, options, model, schema, staging, manifest, previous)
+    except Exception as err:  # a worker that sees no log file: name the pattern, not the runner's traceback
+        found = re.search(re.escape(UNMATCHED) + r" (.*?) on this worker", str(err))
+        if found is None:
+            raise
+        raise BuildError(
+            f"--logs {found.group(1)} matched files on the driver but none on the workers; pass a path "
+            "every worker can read (object storage, or a disk they share)"
+        ) from None
+
+
+def absolute_paths(options: BuildOptions) -> BuildOptions:
+    """Local paths made absolute on the driver, so they mean the same in every worker's directory."""
+
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or fs.is_remote(path) or "://" in path else os.path.abspath(path)
+
+    engine = dataclasses.replace(options.engine, model_dir=absolute(options.engine.model_dir))
+    logs = tuple(map(absolute, options.logs))
+    return dataclasses.replace(options, logs=logs, out=absolute(options.out), engine=engine)
+
+
+def _current(root: str):
+    return remote.current(root) if fs.is_remote(root) else current_id(root)
+
+
+def _staging(root: str, snapshot_id: str) -> str:
+    """Where the build writes: a hidden staging directory locally, ``snapshots/<id>/`` on object stores."""
+    if fs.is_remote(root):
+        return fs.join(root, remote.SNAPSHOTS, snapshot_id)
+    return str(new_staging(root, snapshot_id))
+
+
+def _discard(staging: str) -> None:
+    if fs.is_remote(staging):
+        fs.delete_dir(staging)
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _gate_and_publish(options, engine: Engine, staging: str, previous: SnapshotRef | None, expected) -> dict:
+    """Check the written snapshot (fidelity gate on a verified local copy when remote), then publish it."""
+    remote_root = fs.is_remote(staging)
+    manifest = remote.read_manifest(staging) if remote_root else read_manifest(staging)
+    if manifest["stats"]["accepted"] == 0:
+        reasons = manifest["stats"]["rejected_by_reason"]
+        top = max(reasons, key=reasons.get) if reasons else "none"
+        raise BuildError(
+            f"no query in {', '.join(options.logs)} was accepted (most rejections: {top}); "
+            "check --format and --query-field"
+        )
+    computed = manifest["stats"]["computed"]
+    try:
+        if remote_root:
+            with tempfile.TemporaryDirectory(prefix="querycache-verify-") as local:
+                for rel, meta in manifest["files"].items():  # every sha256 checked while it downloads
+                    fs.copy_verified(fs.join(staging, rel), os.path.join(local, rel), meta["sha256"], meta["bytes"])
+                fs.write_bytes(os.path.join(local, "manifest.json"), fs.read_bytes(fs.join(staging, "manifest.json")))
+                manifest["fidelity"] = fidelity_gate(local, engine, options, None, computed)
+            fs.write_bytes(fs.join(staging, "manifest.json"), _manifest_bytes(manifest))
+            remote.publish(options.out, manifest["snapshot_id"], expected)
+        else:
+            local_previous = previous and previous.directory
+            manifest["fidelity"] = fidelity_gate(staging, engine, options, local_previous, computed)
+            save_manifest(staging, manifest)
+            publish(options.out, staging, expected)
+    except (SnapshotError, ValueError) as err:
+        raise BuildError(str(err)) from None
+    return manifest
+
+
+def _manifest_bytes(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def _recorded_options(options: BuildOptions) -> dict:

@@ -8,15 +8,16 @@ import itertools
 import logging
 import os
 from collections import Counter
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from store import fs, remote
 from store.format import SnapshotError, read_manifest
 from store.publish import resolve
+from store.remote import SnapshotRef
 from store.snapshot import Snapshot
 from transforms.records import LogFields, columns_of, format_of
 
@@ -67,18 +68,22 @@ def check_accepted(patterns: tuple[str, ...], accepted: int, rejected_by_reason:
         )
 
 
-def previous_snapshot(root: str, fingerprint: str, schema: dict) -> Path | None:
-    """The current snapshot under ``root`` when it holds results of this model version and schema."""
+def previous_snapshot(root: str, fingerprint: str, schema: dict) -> SnapshotRef | None:
+    """The current snapshot under ``root`` (any filesystem) when it holds results of this model version and schema."""
     try:
-        directory = resolve(root)
-        manifest = read_manifest(directory)
+        if fs.is_remote(root):
+            directory = remote.resolve(root)
+            manifest = remote.read_manifest(directory)
+        else:
+            directory = str(resolve(root))
+            manifest = read_manifest(directory)
     except SnapshotError:
         return None
     if manifest["model"]["fingerprint"] != fingerprint or manifest["result"] != schema:
         log.info("model version changed since snapshot %s: computing every result", manifest["snapshot_id"])
         return None
     log.info("reusing results of snapshot %s (same model version)", manifest["snapshot_id"])
-    return directory
+    return SnapshotRef(directory, manifest)
 
 
 def _sample(snapshot: Snapshot, size: int, previous: Snapshot | None) -> list[str]:

@@ -239,9 +239,10 @@ def _scratch(pipeline_options: PipelineOptions) -> Iterator[str]:
 def replay(options: ReplayOptions, beam_args: list[str]) -> dict:
     """Run a replay; return its figures. Raises BuildError or SnapshotError for user mistakes."""
     started = time.perf_counter()
+    pipeline_options = PipelineOptions(beam_args)
+    FileSystems.set_options(pipeline_options)  # endpoints and credentials of remote logs and snapshots
     check_logs(options.logs, options.fields)
     plan = _plan(options)
-    pipeline_options = PipelineOptions(beam_args)
     with _scratch(pipeline_options) as out:
         with beam.Pipeline(options=pipeline_options) as p:
             replay_pipeline(p, options, plan, out)

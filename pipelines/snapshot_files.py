@@ -11,15 +11,13 @@ must have the size the manifest gives. Ids and paths from the store never lead o
 from __future__ import annotations
 
 import json
-import re
 from typing import NamedTuple
 
 from apache_beam.io.filesystems import FileSystems
 
 from store.format import MANIFEST, SnapshotError, check_manifest, parquet_shard_path
 from store.publish import CURRENT, SNAPSHOTS
-
-_SNAPSHOT_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]*")
+from store.remote import check_id
 
 
 class SnapshotFiles(NamedTuple):
@@ -49,10 +47,7 @@ def locate_snapshot(path: str) -> SnapshotFiles:
         current = FileSystems.join(path, CURRENT)
         if not _exists(current):
             raise SnapshotError(f"{path} is neither a snapshot directory nor a root with a {CURRENT} file")
-        snapshot_id = _read_text(current).strip()
-        if not _SNAPSHOT_ID.fullmatch(snapshot_id) or ".." in snapshot_id:
-            raise SnapshotError(f"{current} names {snapshot_id[:80]!r}, which is not a snapshot id")
-        directory = FileSystems.join(path, SNAPSHOTS, snapshot_id)
+        directory = FileSystems.join(path, SNAPSHOTS, check_id(_read_text(current).strip(), current))
     try:
         manifest = json.loads(_read_text(FileSystems.join(directory, MANIFEST)))
     except Exception as err:

@@ -34,7 +34,9 @@ def _fraction(ctx, param, value):
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Snapshot root (CURRENT and snapshots/ live here)."
 )
-@click.option("--model", type=click.Path(), help="Local model directory (default: the shipped all-MiniLM-L6-v2).")
+@click.option(
+    "--model", help="Model directory, local or on any Beam filesystem (default: the shipped all-MiniLM-L6-v2)."
+)
 @click.option("--task", type=click.Choice(["embed", "fill-mask", "classify"]), default="embed", show_default=True)
 @click.option(
     "--template", default="{query} [MASK]", show_default=True, help="Fill-mask input; [MASK] is the model's mask token."
@@ -81,7 +83,9 @@ def _fraction(ctx, param, value):
 )
 @click.option("--store-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option(
-    "--shards", default=1, show_default=True, type=click.IntRange(1), help="LMDB/Parquet shards, written in parallel."
+    "--shards",
+    type=click.IntRange(1),
+    help="LMDB/Parquet shards, written in parallel (default: about 128 MiB of values per shard, at least 1).",
 )
 @click.option(
     "--reuse",
@@ -221,7 +225,7 @@ def model_info(model_dir: str | None, as_json: bool) -> None:
         )
 
 
-for command in (manage.inspect, manage.lookup, manage.verify, manage.list_, manage.rollback_, manage.gc_):
+for command in (manage.inspect, manage.lookup, manage.verify, manage.list_, manage.rollback_, manage.gc_, manage.pull_):
     main.add_command(command)
 main.add_command(replay.replay)
 

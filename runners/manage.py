@@ -8,14 +8,40 @@ import sys
 import click
 
 from runners.common import UserError, echo_json
-from store import Snapshot, SnapshotError, gc, list_snapshots, normalize, rollback
+from store import Snapshot, SnapshotError, fs, gc, list_snapshots, normalize, remote, rollback
 from store.format import check_files, read_manifest
 from store.publish import resolve
+
+
+def filesystem_options(command):
+    """Accept Beam's filesystem flags after ``--`` (``-- --s3_endpoint_url=...``), for the store's fs seam."""
+
+    def configure(ctx, param, value):
+        ctx.meta["fs_options"] = list(value)
+        fs.configure(list(value))
+        return value
+
+    return click.argument("fs_options", nargs=-1, type=click.UNPROCESSED, callback=configure, expose_value=False)(
+        command
+    )
+
+
+def _snapshot(path: str) -> tuple[str, dict]:
+    """Directory and manifest of ROOT (through CURRENT) or of a snapshot directory, on any filesystem."""
+    try:
+        if fs.is_remote(path):
+            directory = remote.resolve(path)
+            return directory, remote.read_manifest(directory)
+        directory = resolve(path)
+        return str(directory), read_manifest(directory)
+    except SnapshotError as err:
+        raise UserError(str(err)) from None
 
 
 @click.command()
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+@filesystem_options
 def inspect(path: str, as_json: bool) -> None:
     """Show a snapshot's manifest and statistics.
 
@@ -23,7 +49,7 @@ def inspect(path: str, as_json: bool) -> None:
     Example:
       querycache inspect /data/qc
     """
-    manifest = _manifest(path)
+    _, manifest = _snapshot(path)
     if as_json:
         echo_json(manifest)
         return
@@ -42,13 +68,6 @@ def inspect(path: str, as_json: bool) -> None:
     click.echo("\n".join(f"{name:<20} {value}" for name, value in lines.items() if value is not None))
 
 
-def _manifest(path: str) -> dict:
-    try:
-        return read_manifest(resolve(path))
-    except SnapshotError as err:
-        raise UserError(str(err)) from None
-
-
 @click.command()
 @click.argument("path", type=click.Path())
 @click.argument("queries", nargs=-1, required=True)
@@ -60,6 +79,8 @@ def lookup(path: str, queries: tuple[str, ...], as_json: bool) -> None:
     Example:
       querycache lookup /data/qc "Cheap Flights to Paris" "weather berlin"
     """
+    if fs.is_remote(path):
+        raise UserError(f"lookup memory-maps local files: `querycache pull {path} LOCAL_DIR` first, then look up there")
     try:
         snap = Snapshot.open(path)
     except SnapshotError as err:
@@ -73,6 +94,7 @@ def lookup(path: str, queries: tuple[str, ...], as_json: bool) -> None:
 @click.command()
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@filesystem_options
 def verify(path: str, as_json: bool) -> None:
     """Check the manifest and every file's sha256; exit 1 naming what failed.
 
@@ -81,8 +103,12 @@ def verify(path: str, as_json: bool) -> None:
       querycache verify /data/qc && echo intact
     """
     try:
-        directory = resolve(path)
-        problems = check_files(directory, read_manifest(directory), checksums=True)
+        if fs.is_remote(path):
+            directory = remote.resolve(path)
+            problems = remote.check_files(directory, remote.read_manifest(directory), checksums=True)
+        else:
+            directory = resolve(path)
+            problems = check_files(directory, read_manifest(directory), checksums=True)
     except SnapshotError as err:
         problems, directory = [str(err)], path
     if as_json:
@@ -99,6 +125,7 @@ def verify(path: str, as_json: bool) -> None:
 @click.command("list")
 @click.argument("root", type=click.Path())
 @click.option("--json", "as_json", is_flag=True)
+@filesystem_options
 def list_(root: str, as_json: bool) -> None:
     """List the snapshots of a root, oldest first; * marks the current one.
 
@@ -120,6 +147,7 @@ def list_(root: str, as_json: bool) -> None:
 @click.argument("root", type=click.Path())
 @click.argument("snapshot_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@filesystem_options
 def rollback_(root: str, snapshot_id: str | None, as_json: bool) -> None:
     """Point CURRENT at SNAPSHOT_ID, or at the snapshot before the current one.
 
@@ -127,6 +155,9 @@ def rollback_(root: str, snapshot_id: str | None, as_json: bool) -> None:
     Example:
       querycache rollback /data/qc
     """
+    if snapshot_id and snapshot_id.startswith("--"):  # `rollback ROOT -- --s3_...`: no id, only options
+        fs.configure([snapshot_id, *click.get_current_context().meta.get("fs_options", [])])
+        snapshot_id = None
     try:
         current = rollback(root, snapshot_id)
     except SnapshotError as err:
@@ -141,6 +172,7 @@ def rollback_(root: str, snapshot_id: str | None, as_json: bool) -> None:
 @click.argument("root", type=click.Path())
 @click.option("--keep", required=True, type=click.IntRange(1), help="Snapshots to keep, the current one included.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@filesystem_options
 def gc_(root: str, keep: int, as_json: bool) -> None:
     """Delete old snapshots, keeping the current one and the newest others.
 
@@ -154,3 +186,39 @@ def gc_(root: str, keep: int, as_json: bool) -> None:
         return
     for snapshot_id in deleted:
         click.echo(f"deleted {snapshot_id}")
+
+
+@click.command("pull")
+@click.argument("source_root")
+@click.argument("local_root", type=click.Path(file_okay=False))
+@click.option("--keep", type=click.IntRange(1), help="Afterwards, gc the local root down to N snapshots.")
+@click.option("--watch", "every", type=click.FloatRange(0.1), help="Keep polling every SECONDS; pull each new one.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per pull on stdout.")
+@filesystem_options
+def pull_(source_root: str, local_root: str, keep: int | None, every: float | None, as_json: bool) -> None:
+    """Copy the current snapshot of SOURCE_ROOT (any filesystem) to LOCAL_ROOT, verified, published atomically.
+
+    \b
+    Example:
+      querycache pull s3://bucket/qc /srv/qc --keep 2 -- --s3_region_name=eu-west-1
+      querycache pull s3://bucket/qc /srv/qc --watch 60     # a sidecar; ReadThroughCache hot-reloads
+    """
+    from store.pull import pull, watch
+
+    def report(result) -> None:
+        if as_json:
+            echo_json(result._asdict() | {"seconds": round(result.seconds, 3)})
+        elif result.pulled:
+            click.echo(f"pulled {result.snapshot_id}: {result.bytes} bytes in {result.seconds:.1f}s -> {local_root}")
+        else:
+            click.echo(f"{result.snapshot_id} is already current in {local_root}")
+
+    if every is not None:
+        try:
+            watch(source_root, local_root, every, keep, on_pull=report)
+        except KeyboardInterrupt:
+            return
+    try:
+        report(pull(source_root, local_root, keep))
+    except SnapshotError as err:
+        raise UserError(str(err)) from None

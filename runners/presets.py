@@ -17,7 +17,8 @@ PRESETS: dict[str, list[str]] = {
         "--direct_running_mode=multi_processing",
         f"--direct_num_workers={os.cpu_count() or 2}",
     ],
-    # A Beam job service (Flink, Spark or Beam's own): add --job_endpoint=HOST:PORT after --.
+    # A Beam job service (Flink, Spark or Beam's own): add --job_endpoint=HOST:PORT after --, and for
+    # workers elsewhere --environment_type=DOCKER|EXTERNAL --environment_config=IMAGE|HOST:PORT.
     "portable": ["--runner=PortableRunner", "--environment_type=LOOPBACK"],
     "flink": ["--runner=FlinkRunner"],
     "spark": ["--runner=SparkRunner"],

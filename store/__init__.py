@@ -10,11 +10,13 @@ from store.cache import ReadThroughCache
 from store.format import FORMAT_VERSION, SnapshotError
 from store.keys import KEY_FUNCTION, normalize
 from store.publish import current_id, gc, list_snapshots, publish, rollback
+from store.pull import PullResult, pull
 from store.snapshot import Snapshot
 
 __all__ = [
     "FORMAT_VERSION",
     "KEY_FUNCTION",
+    "PullResult",
     "ReadThroughCache",
     "Snapshot",
     "SnapshotError",
@@ -23,5 +25,6 @@ __all__ = [
     "list_snapshots",
     "normalize",
     "publish",
+    "pull",
     "rollback",
 ]

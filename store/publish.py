@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+from store import fs, remote
 from store.format import MANIFEST, SnapshotError, read_manifest
 
 CURRENT = "CURRENT"
@@ -39,6 +40,8 @@ def new_staging(root: str | os.PathLike, snapshot_id: str) -> Path:
 
 def current_id(root: str | os.PathLike) -> str | None:
     """Id named by ``ROOT/CURRENT``, or None before the first publish."""
+    if fs.is_remote(root):
+        return remote.current_id(str(root))
     try:
         return (Path(root) / CURRENT).read_text("utf-8").strip() or None
     except FileNotFoundError:
@@ -88,10 +91,20 @@ def point_current(root: str | os.PathLike, snapshot_id: str) -> None:
     _fsync_dir(root)
 
 
-def publish(root: str | os.PathLike, staging: str | os.PathLike) -> str:
-    """Make a complete staging directory the current snapshot; return its id."""
+def publish(root: str | os.PathLike, staging: str | os.PathLike, expected: str | None | bool = True) -> str:
+    """Make a complete staging directory the current snapshot; return its id.
+
+    With ``expected`` (an id, or None for a root without CURRENT) the publish is refused when CURRENT
+    moved since the caller read it: a build that lost a race never moves CURRENT backwards.
+    """
     root, staging = Path(root), Path(staging)
     snapshot_id = read_manifest(staging)["snapshot_id"]
+    if expected is not True and current_id(root) != expected:
+        now = current_id(root)
+        raise SnapshotError(
+            f"another build published {now} to {root} while this one ran; CURRENT still names {now}, and "
+            "this build published nothing"
+        )
     _fsync_tree(staging)
     final = root / SNAPSHOTS / snapshot_id
     os.rename(staging, final)
@@ -102,6 +115,8 @@ def publish(root: str | os.PathLike, staging: str | os.PathLike) -> str:
 
 def list_snapshots(root: str | os.PathLike) -> list[dict]:
     """Published snapshots, oldest first: id, created, rows, task, fingerprint, current, ok."""
+    if fs.is_remote(root):
+        return remote.list_snapshots(str(root))
     root = Path(root)
     current = current_id(root)
     out = []
@@ -124,6 +139,8 @@ def list_snapshots(root: str | os.PathLike) -> list[dict]:
 
 def rollback(root: str | os.PathLike, snapshot_id: str | None = None) -> str:
     """Point CURRENT at ``snapshot_id``, or at the newest snapshot older than the current one."""
+    if fs.is_remote(root):
+        return remote.rollback(str(root), snapshot_id)
     if snapshot_id is None:
         current = current_id(root)
         older = [s["id"] for s in list_snapshots(root) if s["ok"] and current is not None and s["id"] < current]
@@ -141,6 +158,8 @@ def gc(root: str | os.PathLike, keep: int) -> list[str]:
 
     Staging directories of builds abandoned more than a day ago are removed too.
     """
+    if fs.is_remote(root):
+        return remote.gc(str(root), keep)
     if keep < 1:
         raise ValueError("keep must be at least 1: the current snapshot is never removed")
     root = Path(root)

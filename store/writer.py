@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,41 +35,48 @@ from store.keys import key_bytes
 Row = tuple[str, int, "int | None", int, bytes]
 
 
-def write_shard(directory: str | os.PathLike, index: int, shards: int, rows: Iterable[Row], schema: dict) -> dict:
-    """Write shard ``index`` of ``shards`` under ``directory``; return its file list and row count."""
-    rows = sorted(rows, key=lambda row: key_bytes(row[0]))
+def write_shard(
+    directory: str | os.PathLike, index: int, shards: int, rows: list[Row], schema: dict, *, checksums: bool = True
+) -> dict:
+    """Write shard ``index`` of ``shards`` under ``directory``; return its file list and row count.
+
+    ``rows`` (a list) is sorted in place and never copied whole. Without ``checksums`` the files are
+    listed with their sizes only (a caller that hashes while uploading fills in the sha256).
+    """
+    rows.sort(key=lambda row: key_bytes(row[0]))
     lmdb_rel, parquet_rel = lmdb_shard_path(index, shards), parquet_shard_path(index, shards)
-    _write_lmdb(Path(directory) / lmdb_rel, [(key_bytes(r[0]), r[4]) for r in rows])
+    _write_lmdb(Path(directory) / lmdb_rel, rows)
     _write_parquet(Path(directory) / parquet_rel, rows, schema)
-    files = [f"{lmdb_rel}/data.mdb", parquet_rel]
-    return {
-        "rows": len(rows),
-        "files": {
-            rel: {"sha256": sha256_file(Path(directory) / rel), "bytes": (Path(directory) / rel).stat().st_size}
-            for rel in files
-        },
-    }
+    files = {}
+    for rel in (f"{lmdb_rel}/data.mdb", parquet_rel):
+        path = Path(directory) / rel
+        files[rel] = {"sha256": sha256_file(path) if checksums else None, "bytes": path.stat().st_size}
+    return {"rows": len(rows), "files": files}
 
 
-def _map_size(pairs: list[tuple[bytes, bytes]]) -> int:
+def _map_size(rows: list[Row]) -> int:
     # Leaf entries plus page overhead; values over ~2 KB live on whole overflow pages.
-    need = sum(len(k) + len(v) + 16 if len(v) < 2000 else len(k) + 4096 * (len(v) // 4096 + 1) for k, v in pairs)
+    need = sum(
+        len(r[0]) * 4 + len(r[4]) + 16 if len(r[4]) < 2000 else len(r[0]) * 4 + 4096 * (len(r[4]) // 4096 + 1)
+        for r in rows
+    )
     return max(1 << 20, int(need * 1.6) + (1 << 20))
 
 
-def _write_lmdb(path: Path, pairs: list[tuple[bytes, bytes]]) -> None:
+def _write_lmdb(path: Path, rows: list[Row]) -> None:
     """One write transaction of sorted keys with ``append=True``; the map grows on demand."""
     path.mkdir(parents=True, exist_ok=True)
-    map_size = _map_size(pairs)
+    map_size = _map_size(rows)
     while True:
         env = lmdb.open(
             str(path), map_size=map_size, subdir=True, lock=False, sync=False, metasync=False, readahead=False
         )
         try:
             with env.begin(write=True) as txn:
+                pairs = ((key_bytes(r[0]), r[4]) for r in rows)
                 added, _ = txn.cursor().putmulti(pairs, dupdata=False, overwrite=True, append=True)
-            if added != len(pairs):
-                raise ValueError(f"{path}: duplicate keys in shard ({len(pairs) - added} not added)")
+            if added != len(rows):
+                raise ValueError(f"{path}: duplicate keys in shard ({len(rows) - added} not added)")
             env.sync(True)
             return
         except lmdb.MapFullError:
@@ -103,19 +110,24 @@ def _write_parquet(path: Path, rows: list[Row], schema: dict) -> None:
     pq.write_table(pa.table(columns), path, compression="zstd")
 
 
-def write_manifest(
-    directory: str | os.PathLike, manifest: dict, shards: list[dict], extra_files: dict | None = None
-) -> dict:
-    """Complete ``manifest`` with the shards' files and row count and write ``manifest.json``."""
+def complete_manifest(manifest: dict, shards: list[dict], extra_files: dict | None = None) -> dict:
+    """``manifest`` with the shards' files, row count and Parquet list added (shards: index, rows, files)."""
     shards = sorted(shards, key=lambda s: s["index"])
     files = {rel: meta for s in shards for rel, meta in s["files"].items()} | (extra_files or {})
-    manifest = {
+    return {
         **manifest,
         "rows": sum(s["rows"] for s in shards),
         "lmdb": {"shards": len(shards), "shard_of": "crc32(key bytes) % shards"},
         "parquet": [parquet_shard_path(s["index"], len(shards)) for s in shards],
         "files": dict(sorted(files.items())),
     }
+
+
+def write_manifest(
+    directory: str | os.PathLike, manifest: dict, shards: list[dict], extra_files: dict | None = None
+) -> dict:
+    """Complete ``manifest`` with the shards' files and row count and write ``manifest.json``."""
+    manifest = complete_manifest(manifest, shards, extra_files)
     save_manifest(directory, manifest)
     return manifest
 

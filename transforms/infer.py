@@ -8,6 +8,7 @@ buffered into large batches that the engine sorts by length and cuts by token bu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 
@@ -18,9 +19,11 @@ from apache_beam.utils import shared
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from inference.engine import Engine, EngineConfig
+from inference.engine import Engine
+from store import fs
 from store.format import encode_value
-from store.snapshot import Snapshot
+from store.remote import SnapshotRef
+from transforms.model_stage import ShippedModel, stage
 from transforms.stats import sum_dicts
 
 log = logging.getLogger(__name__)
@@ -28,23 +31,40 @@ REUSED, STATS, UNANSWERED = "reused", "stats", "unanswered"
 _engines = shared.Shared()
 
 
-class _Reuse(beam.DoFn):
-    """Copy the stored value from the previous snapshot, or pass the row on to inference."""
+def _split_reused(key: str, joined: dict):
+    """Head rows of ``key``: reused when the previous snapshot holds it, else on to inference."""
+    for row in joined["head"]:
+        if any(True for _ in joined["stored"]):  # no value in flight: WriteSnapshot copies it
+            yield beam.pvalue.TaggedOutput(REUSED, (*row, None))
+        else:
+            yield row
 
-    def __init__(self, previous: str):
+
+class _Reuse(beam.PTransform):
+    """``head | _Reuse(previous)`` -> (to infer, reused): a join of head keys with the previous Parquet keys.
+
+    Workers read the previous snapshot through its own filesystem (any Beam path), never a driver path.
+    """
+
+    def __init__(self, previous: SnapshotRef):
+        super().__init__()
         self.previous = previous
 
-    def setup(self):
-        self.snapshot = Snapshot.open(self.previous, verify=False)
-
-    def process(self, row):
-        if self.snapshot.get_raw(row[0]) is None:
-            yield row
-        else:  # no value in flight: WriteSnapshot copies it from the previous snapshot
-            yield beam.pvalue.TaggedOutput(REUSED, (*row, None))
-
-    def teardown(self):
-        self.snapshot.close()
+    def expand(self, head):
+        parts = [fs.join(self.previous.directory, rel) for rel in self.previous.manifest["parquet"]]
+        stored = (
+            head.pipeline
+            | "PreviousParts" >> beam.Create(parts)
+            | "PreviousKeys" >> beam.io.ReadAllFromParquet(columns=["key"])
+            | "KeyOfStored" >> beam.Map(lambda record: (record["key"], True))
+        )
+        keyed = head | "KeyOfHead" >> beam.Map(lambda row: (row[0], row))
+        split = (
+            {"head": keyed, "stored": stored}
+            | "JoinStored" >> beam.CoGroupByKey()
+            | "Split" >> beam.FlatMapTuple(_split_reused).with_outputs(REUSED, main="infer")
+        )
+        return split.infer, split[REUSED]
 
 
 class _EngineHolder:
@@ -67,8 +87,8 @@ def share_engine(engine: Engine):
 class RunBert(beam.DoFn):
     """Run the engine over buffered rows; emit ``(key, count, users, rank, value)`` and stats dicts."""
 
-    def __init__(self, config: EngineConfig, fingerprint: str, schema: dict, max_batch: int = 16384):
-        self.config, self.fingerprint, self.schema, self.max_batch = config, fingerprint, schema, max_batch
+    def __init__(self, model: ShippedModel, schema: dict, max_batch: int = 16384):
+        self.model, self.fingerprint, self.schema, self.max_batch = model, model.fingerprint, schema, max_batch
         self.queries = Metrics.counter("querycache", "queries")
         self.tokens = Metrics.counter("querycache", "real_tokens")
         self.padded = Metrics.counter("querycache", "padded_tokens")
@@ -78,7 +98,7 @@ class RunBert(beam.DoFn):
 
     def setup(self):
         start = time.perf_counter()
-        self.engine = _engines.acquire(lambda: _EngineHolder(Engine(self.config)), tag=self.fingerprint).engine
+        self.engine = _engines.acquire(self._load, tag=self.fingerprint).engine
         if self.engine.fingerprint != self.fingerprint:
             raise RuntimeError(
                 f"worker loaded model version {self.engine.fingerprint}, the build expects "
@@ -86,6 +106,9 @@ class RunBert(beam.DoFn):
             )
         log.info("model ready in %.1fs (%s on %s)", time.perf_counter() - start, self.engine.dtype, self.engine.device)
         self.done, self.started, self.last_log = 0, time.perf_counter(), 0.0
+
+    def _load(self) -> _EngineHolder:
+        return _EngineHolder(Engine(dataclasses.replace(self.model.config, model_dir=stage(self.model))))
 
     def start_bundle(self):
         self.buffer = []
@@ -140,28 +163,24 @@ class RunBert(beam.DoFn):
 
 
 class ReuseOrInfer(beam.PTransform):
-    """``head | ReuseOrInfer(config, fingerprint, schema, previous)`` -> ``(rows, reused, stats, unanswered)``.
+    """``head | ReuseOrInfer(model, schema, previous)`` -> ``(rows, reused, stats, unanswered)``.
 
     With ``previous`` (a snapshot of the same model version) a stored key becomes a row with value None,
     which WriteSnapshot fills from ``previous``; the rest go through :class:`RunBert`.
     """
 
-    def __init__(self, config: EngineConfig, fingerprint: str, schema: dict, previous: str | None = None):
+    def __init__(self, model: ShippedModel, schema: dict, previous: SnapshotRef | None = None):
         super().__init__()
-        self.config, self.fingerprint, self.schema, self.previous = config, fingerprint, schema, previous
+        self.model, self.schema, self.previous = model, schema, previous
 
     def expand(self, head):
         to_infer, reused = head, head.pipeline | "NothingReused" >> beam.Create([])
         if self.previous:
-            split = head | "Reuse" >> beam.ParDo(_Reuse(self.previous)).with_outputs(REUSED, main="infer")
-            to_infer, reused = split.infer, split[REUSED]
+            to_infer, reused = head | "Reuse" >> _Reuse(self.previous)
         inferred = (
             to_infer
             | "Spread" >> beam.Reshuffle()
-            | "RunBert"
-            >> beam.ParDo(RunBert(self.config, self.fingerprint, self.schema)).with_outputs(
-                STATS, UNANSWERED, main="rows"
-            )
+            | "RunBert" >> beam.ParDo(RunBert(self.model, self.schema)).with_outputs(STATS, UNANSWERED, main="rows")
         )
         rows = (inferred.rows, reused) | "AllResults" >> beam.Flatten()
         stats = inferred[STATS] | "InferenceStats" >> beam.CombineGlobally(sum_dicts)

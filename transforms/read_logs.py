@@ -6,6 +6,7 @@ import logging
 
 import apache_beam as beam
 from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
 
 from transforms.records import LogFields, parse_stream
 
@@ -31,6 +32,17 @@ class _ParseFile(beam.DoFn):
         yield beam.pvalue.TaggedOutput(LINES, lines)
 
 
+UNMATCHED = "querycache: no readable file matches --logs"
+
+
+def _match(pattern: str):
+    """Files of ``pattern`` as this worker sees them; none is an error, never an empty build."""
+    matched = [m for m in FileSystems.match([pattern])[0].metadata_list if m.size_in_bytes > 0]
+    if not matched:
+        raise FileNotFoundError(f"{UNMATCHED} {pattern} on this worker")
+    return matched
+
+
 class ReadQueryLogs(beam.PTransform):
     """Read every file matching ``patterns``; returns ``(records, rejected, lines)``.
 
@@ -48,7 +60,7 @@ class ReadQueryLogs(beam.PTransform):
         parsed = (
             pbegin
             | "Patterns" >> beam.Create(self.patterns)
-            | "Match" >> fileio.MatchAll()
+            | "Match" >> beam.FlatMap(_match)
             | "Paths" >> beam.Map(lambda metadata: metadata.path)
             | "Dedup" >> beam.Distinct()
             | "Open" >> fileio.ReadMatches()

@@ -1,68 +1,155 @@
-"""WriteSnapshot and WriteDeadLetters: parallel shard writers that report their files for the manifest."""
+"""WriteSnapshot, WriteDeadLetters and CommitSnapshot: shard writes that survive retries, manifest last.
+
+Every write goes through Beam's ``FileSystems``, so the snapshot directory may be local or on any
+object store. A shard is built in a local temp directory, hashed while it is uploaded to a path unique
+to the attempt (``attempts/<shard>-<uuid>/``), and reported as a :class:`ShardWrite`. CommitSnapshot
+keeps one attempt per shard, moves its files into place, deletes every other attempt and writes
+``manifest.json`` last: a bundle that runs twice, or a worker that dies half-way, leaves no mark.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
+import os
+import tempfile
+import uuid
 import zlib
-from pathlib import Path
+from typing import NamedTuple
 
 import apache_beam as beam
+import lmdb
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 
-from store.format import shard_of
+from store import fs
+from store.format import EMBED_DTYPES, MANIFEST, lmdb_shard_path, shard_of
 from store.keys import key_bytes
-from store.snapshot import Snapshot
-from store.writer import write_shard
+from store.remote import SnapshotRef
+from store.writer import complete_manifest, write_shard
 
 log = logging.getLogger(__name__)
+ATTEMPTS = "attempts"
+SHARD_TARGET_BYTES = 128 << 20  # --shards auto: LMDB values of about 128 MiB per shard
+RAW = CompressionTypes.UNCOMPRESSED
+
+
+class ShardWrite(NamedTuple):
+    """One attempt's shard: where its files were uploaded and their sizes and sha256."""
+
+    index: int
+    attempt: str
+    rows: int
+    files: dict
+
+
+def shards_for(head_size: int, schema: dict, target: int = SHARD_TARGET_BYTES) -> int:
+    """Shard count that keeps each shard's values near ``target`` bytes (``--shards auto``); at least 1."""
+    if schema["encoding"] in EMBED_DTYPES:
+        row = schema["dim"] * int(EMBED_DTYPES[schema["encoding"]][-1]) + 64
+    else:
+        row = 64 + 48 * (len(schema.get("labels") or []) or schema.get("top_k", 5))
+    return max(1, math.ceil(head_size * row / target))
+
+
+def upload(local: str, target: str) -> dict:
+    """Copy a local file to any Beam filesystem, hashing while it streams: ``{"sha256", "bytes"}``."""
+    digest, size = hashlib.sha256(), 0
+    with open(local, "rb") as src, FileSystems.create(target, "application/octet-stream", RAW) as dst:
+        while block := src.read(1 << 22):
+            digest.update(block)
+            dst.write(block)
+            size += len(block)
+    return {"sha256": digest.hexdigest(), "bytes": size}
+
+
+def _download(source: str, target: str, meta: dict) -> None:
+    digest = hashlib.sha256()
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with FileSystems.open(source, compression_type=RAW) as src, open(target, "wb") as dst:
+        while block := src.read(1 << 22):
+            digest.update(block)
+            dst.write(block)
+    if digest.hexdigest() != meta["sha256"]:
+        raise OSError(f"{source}: sha256 mismatch against its manifest")
+
+
+def _fill_reused(rows: list, previous: SnapshotRef, tmp: str) -> None:
+    """Give reused rows (value None) their stored bytes, read from local copies of the previous LMDB shards."""
+    shards = previous.manifest["lmdb"]["shards"]
+    wanted: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row[4] is None:
+            wanted.setdefault(shard_of(key_bytes(row[0]), shards), []).append(i)
+    for shard, positions in sorted(wanted.items()):
+        rel = f"{lmdb_shard_path(shard, shards)}/data.mdb"
+        source = fs.join(previous.directory, rel)
+        local = os.path.dirname(source) if not fs.is_remote(source) else os.path.join(tmp, "previous", str(shard))
+        if fs.is_remote(source):
+            _download(source, os.path.join(local, "data.mdb"), previous.manifest["files"][rel])
+        env = lmdb.open(local, readonly=True, lock=False, subdir=True)
+        try:
+            with env.begin() as txn:
+                for i in positions:
+                    value = txn.get(key_bytes(rows[i][0]))
+                    if value is None:
+                        raise KeyError(f"{rows[i][0]!r} is not in {source}")
+                    rows[i] = (*rows[i][:4], value)
+        finally:
+            env.close()
 
 
 class WriteSnapshot(beam.PTransform):
-    """``rows | WriteSnapshot(staging, shards=4, schema=...)`` -> one info dict per shard.
+    """``rows | WriteSnapshot(directory, shard_count, schema, previous)`` -> one :class:`ShardWrite` per shard.
 
-    Rows go to LMDB shards by a stable hash of the key (see ``store.format.shard_of``); every
-    shard is written, even an empty one, so a reader can address all of them. A row whose value
-    is None was reused: its value is copied here from ``previous``, so it never crosses a shuffle.
+    ``shard_count`` is a singleton PCollection (the count depends on the head). Rows go to shards by a
+    stable hash of the key (``store.format.shard_of``); every shard is written, even an empty one. A
+    row whose value is None was reused: its value is read here from ``previous``'s LMDB shard.
     """
 
-    def __init__(self, directory: str, shards: int, schema: dict, previous: str | None = None):
+    def __init__(self, directory: str, shard_count, schema: dict, previous: SnapshotRef | None = None):
         super().__init__()
-        self.directory, self.shards, self.schema, self.previous = directory, shards, schema, previous
+        self.directory, self.shard_count, self.schema, self.previous = directory, shard_count, schema, previous
 
     def expand(self, rows):
-        shards = self.shards
-        every = rows.pipeline | "EveryShard" >> beam.Create([(i, None) for i in range(shards)])
-        keyed = rows | "ByShard" >> beam.Map(lambda row: (shard_of(key_bytes(row[0]), shards), row))
+        count = beam.pvalue.AsSingleton(self.shard_count)
+        every = self.shard_count | "EveryShard" >> beam.FlatMap(lambda n: [(i, None) for i in range(n)])
+        keyed = rows | "ByShard" >> beam.Map(lambda row, n: (shard_of(key_bytes(row[0]), n), row), count)
         return (
             (keyed, every)
             | "AllShards" >> beam.Flatten()
             | "GroupShards" >> beam.GroupByKey()
-            | "WriteShards" >> beam.MapTuple(self._write)
+            | "WriteShards" >> beam.Map(lambda grouped, n: self._write(*grouped, n), count)
         )
 
-    def _write(self, index: int, rows) -> dict:
-        rows = [r for r in rows if r is not None]
-        if self.previous and any(r[4] is None for r in rows):  # reused rows: copy the stored value
-            with Snapshot.open(self.previous, verify=False) as previous:
-                rows = [r if r[4] is not None else (*r[:4], previous.get_raw(r[0])) for r in rows]
-        info = write_shard(self.directory, index, self.shards, rows, self.schema)
-        log.info("wrote shard %d of %d: %d rows", index + 1, self.shards, info["rows"])
-        return {"index": index, **info}
+    def _write(self, index: int, grouped, shards: int) -> ShardWrite:
+        rows = [r for r in grouped if r is not None]
+        attempt = fs.join(self.directory, ATTEMPTS, f"{index:05d}-{uuid.uuid4().hex}")
+        with tempfile.TemporaryDirectory(prefix="querycache-shard-") as tmp:
+            if self.previous is not None:
+                _fill_reused(rows, self.previous, tmp)
+            info = write_shard(os.path.join(tmp, "out"), index, shards, rows, self.schema, checksums=False)
+            del rows
+            files = {rel: upload(os.path.join(tmp, "out", rel), fs.join(attempt, rel)) for rel in info["files"]}
+        log.info("wrote shard %d of %d: %d rows", index + 1, shards, info["rows"])
+        return ShardWrite(index, attempt, info["rows"], files)
 
 
 def _write_jsonl(directory: str, index: int, shards: int, records) -> dict:
+    # Records sorted by (source, line): every attempt writes the same bytes, in one object PUT.
     rel = f"rejected/rejected-{index:05d}-of-{shards:05d}.jsonl"
-    path = Path(directory) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = sorted(records, key=lambda r: (r["source"], r["line"]))
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines).encode("utf-8")
-    path.write_bytes(data)
+    with FileSystems.create(fs.join(directory, rel), "application/jsonl", RAW) as out:
+        out.write(data)
     return {rel: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "rows": len(lines)}}
 
 
 class WriteDeadLetters(beam.PTransform):
-    """``rejected | WriteDeadLetters(staging)`` -> file info dicts of ``rejected/*.jsonl``."""
+    """``rejected | WriteDeadLetters(directory)`` -> file info dicts of ``rejected/*.jsonl``."""
 
     def __init__(self, directory: str, shards: int = 4):
         super().__init__()
@@ -76,3 +163,31 @@ class WriteDeadLetters(beam.PTransform):
             | "GroupFiles" >> beam.GroupByKey()
             | "WriteFiles" >> beam.MapTuple(lambda i, recs: _write_jsonl(self.directory, i, shards, recs))
         )
+
+
+def commit(directory: str, manifest: dict, writes: list[ShardWrite], extra_files: dict) -> dict:
+    """Keep one attempt per shard, move its files into place, drop the other attempts, write the manifest.
+
+    Safe to run again after a failure part-way: files already in place are left as they are.
+    """
+    chosen: dict[int, ShardWrite] = {}
+    for write in sorted(writes):
+        chosen.setdefault(write.index, write)
+    moves = [
+        (fs.join(w.attempt, rel), fs.join(directory, rel))
+        for w in chosen.values()
+        for rel in w.files
+        if FileSystems.exists(fs.join(w.attempt, rel))
+    ]
+    for target in {os.path.dirname(t) for _, t in moves if not fs.is_remote(t)}:
+        os.makedirs(target, exist_ok=True)
+    if moves:
+        FileSystems.rename([s for s, _ in moves], [t for _, t in moves])
+    attempts = fs.join(directory, ATTEMPTS)
+    with contextlib.suppress(BeamIOError):  # nothing left to delete
+        FileSystems.delete([attempts + ("/" if fs.is_remote(attempts) else "")])
+    shards = [{"index": w.index, "rows": w.rows, "files": w.files} for w in chosen.values()]
+    manifest = complete_manifest(manifest, shards, extra_files)
+    with FileSystems.create(fs.join(directory, MANIFEST), "application/json", RAW) as out:
+        out.write((json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    return manifest

@@ -1,0 +1,340 @@
+"""Beyond one machine: builds to a real S3 API server (moto), pull, retries, races, runners.
+
+The S3 server is moto in server mode on loopback, started once per session; Beam reaches it through
+its own S3 filesystem and the store through pyarrow, both configured by the same flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from store import Snapshot, current_id
+from store import fs as store_fs
+from store.publish import SNAPSHOTS
+from tests.conftest import build_args
+from tests.store_helpers import make_snapshot
+from tests.test_build import make_records, run_build, write_log
+
+SCHEMA = {"encoding": "float32", "dim": 4}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port} after {seconds}s")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A moto S3 server on loopback: ``{"options": [...Beam flags...], "bucket": "s3://qc-test"}``."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 (closed in finally)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    try:
+        _wait_for_port(port, server)
+        endpoint = f"http://127.0.0.1:{port}"
+        options = [
+            f"--s3_endpoint_url={endpoint}",
+            "--s3_access_key_id=testing",
+            "--s3_secret_access_key=testing",
+            "--s3_region_name=us-east-1",
+        ]
+        use_s3(options)
+        store_fs._s3_client().create_bucket(Bucket="qc-test")
+        yield {"options": options, "bucket": "s3://qc-test", "endpoint": endpoint}
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()
+
+
+def use_s3(options: list[str]) -> None:
+    """Point this process's store seam and Beam's FileSystems at the test server (commands reset them)."""
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    store_fs.configure(options)
+    FileSystems.set_options(PipelineOptions(options))
+
+
+def remote_snapshot(tmp_path: Path, root: str, values: dict, s3: dict, publish: bool = True) -> str:
+    """Write a small snapshot with the store writer and put it under the remote ``root``; return its id."""
+    from store import remote
+
+    use_s3(s3["options"])
+    local = make_snapshot(tmp_path / f"w{time.monotonic_ns()}", values, SCHEMA, do_publish=False)
+    manifest = json.loads((local / "manifest.json").read_text())
+    snapshot_id = manifest["snapshot_id"]
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(local).as_posix()
+            store_fs.write_bytes(store_fs.join(root, SNAPSHOTS, snapshot_id, rel), path.read_bytes())
+    if publish:
+        remote.publish(root, snapshot_id, remote.current(root))
+    return snapshot_id
+
+
+def vectors(n: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {f"query {i}": rng.standard_normal(4).astype(np.float32) for i in range(n)}
+
+
+def table(root) -> dict:
+    """key -> (count, rank, result) of the current snapshot under a local root."""
+    import pyarrow.parquet as pq
+
+    snap = Snapshot.open(root)
+    rows = [r for rel in snap.manifest["parquet"] for r in pq.read_table(snap.directory / rel).to_pylist()]
+    return {r["key"]: (r["count"], r["rank"], snap.get_key(r["key"])) for r in rows}
+
+
+def same_answers(a: dict, b: dict) -> None:
+    assert {k: v[:2] for k, v in a.items()} == {k: v[:2] for k, v in b.items()}
+    for key, (_, _, x) in a.items():
+        y = b[key][2]
+        assert float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) >= 0.9999, key
+
+
+@pytest.fixture(scope="module")
+def direct_build(tiny_bert, tmp_path_factory):
+    """One log and its build on the in-process runner to a local root: ``(log, root, summary)``."""
+    from click.testing import CliRunner
+
+    from runners.cli import main
+
+    tmp = tmp_path_factory.mktemp("direct")
+    log = write_log(tmp, "jsonl", make_records(150))
+    result = CliRunner().invoke(
+        main, build_args(str(log), str(tmp / "local"), str(tiny_bert), "--count-field", "count")
+    )
+    assert result.exit_code == 0, result.output
+    return log, tmp / "local", json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_build_to_s3_pulls_to_the_same_snapshot_reuses_and_takes_a_model_from_s3(
+    cli, tiny_bert, tmp_path, s3, monkeypatch, direct_build
+):
+    log, local_root, local = direct_build
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    root = f"{s3['bucket']}/builds/root"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = set(tmp_path.iterdir())
+    first = run_build(cli, *build_args(log, root, tiny_bert, "--count-field", "count", "--", *s3["options"]))
+    assert set(tmp_path.iterdir()) == before and not list(cwd.iterdir())  # nothing local outside temp dirs
+    assert first["model_fingerprint"] == local["model_fingerprint"]
+
+    pulled = cli("pull", root, tmp_path / "served", "--json", "--", *s3["options"])
+    assert pulled.exit_code == 0, pulled.output
+    report = json.loads(pulled.stdout)
+    assert report["snapshot_id"] == first["snapshot_id"] and report["pulled"] and report["bytes"] > 0
+    same_answers(table(tmp_path / "served"), table(local_root))
+    hit = json.loads(cli("lookup", tmp_path / "served", next(iter(table(local_root)))).stdout)
+    assert hit["hit"]
+    again = json.loads(cli("pull", root, tmp_path / "served", "--json", "--", *s3["options"]).stdout)
+    assert (again["pulled"], again["bytes"]) == (False, 0)
+
+    use_s3(s3["options"])
+    model_root = f"{s3['bucket']}/models/tiny"
+    for path in sorted(Path(tiny_bert).rglob("*")):
+        if path.is_file():
+            store_fs.write_bytes(store_fs.join(model_root, path.relative_to(tiny_bert).as_posix()), path.read_bytes())
+    more = write_log(logs, "csv", [*make_records(150), {"query": "weather tomorrow in tokyo", "count": 1, "user": "z"}])
+    args = build_args([log, more], root, model_root, "--count-field", "count", "--", *s3["options"])
+    second = run_build(cli, *args)
+    assert second["model_fingerprint"] == first["model_fingerprint"]
+    assert second["reused"] == first["head_size"] and second["computed"] == 1
+
+    listing = json.loads(cli("list", root, "--json", "--", *s3["options"]).stdout)
+    assert [s["current"] for s in listing] == [False, True]
+    assert cli("verify", root, "--", *s3["options"]).exit_code == 0
+    assert (
+        json.loads(cli("inspect", root, "--json", "--", *s3["options"]).stdout)["stats"]["reused"] == second["reused"]
+    )
+    assert cli("lookup", root, "x").exit_code == 2
+    rolled = cli("rollback", root, "--json", "--", *s3["options"])
+    assert json.loads(rolled.stdout)["current"] == first["snapshot_id"]
+
+
+def test_a_shard_written_twice_commits_one_correct_shard(tmp_path, s3):
+    from store import remote
+    from store.format import new_manifest
+    from transforms.write_snapshot import WriteSnapshot, commit
+
+    use_s3(s3["options"])
+    directory = f"{s3['bucket']}/twice/snapshots/s1"
+    rows = [(f"key {i}", i + 1, None, i + 1, np.full(4, i, np.float32).tobytes()) for i in range(50)]
+    writer = WriteSnapshot(directory, None, SCHEMA)
+    writes = [writer._write(0, list(rows), 1), writer._write(0, list(reversed(rows)), 1)]  # a retried bundle
+    assert writes[0].attempt != writes[1].attempt and writes[0].files == writes[1].files
+    manifest = commit(directory, new_manifest("s1", "embed", SCHEMA, {"fingerprint": "f" * 64}, stats={}), writes, {})
+    assert remote.check_files(directory, remote.read_manifest(directory), checksums=True) == []
+    assert manifest["rows"] == 50 and not store_fs.list_dir(f"{directory}/attempts")
+    assert sorted(rel for rel, _ in store_fs.walk_files(directory)) == sorted([*manifest["files"], "manifest.json"])
+
+
+def test_a_racing_publish_loses_with_a_clear_message(tmp_path, s3):
+    from store import SnapshotError, remote
+
+    root = f"{s3['bucket']}/race"
+    base = remote_snapshot(tmp_path, root, vectors(5, 0), s3)
+    seen = remote.current(root)  # both builds read CURRENT when they start
+    winner = remote_snapshot(tmp_path, root, vectors(5, 1), s3, publish=False)
+    loser = remote_snapshot(tmp_path, root, vectors(5, 2), s3, publish=False)
+    remote.publish(root, winner, seen)
+    with pytest.raises(SnapshotError, match=f"another build published {winner}.*{loser} is left unpublished"):
+        remote.publish(root, loser, seen)
+    assert remote.current_id(root) == winner != base
+
+
+def test_a_flipped_byte_fails_pull_and_keeps_the_local_current(cli, tmp_path, s3):
+    root = f"{s3['bucket']}/flip"
+    good = remote_snapshot(tmp_path, root, vectors(20, 3), s3)
+    assert cli("pull", root, tmp_path / "served", "--", *s3["options"]).exit_code == 0
+    bad = remote_snapshot(tmp_path, root, vectors(20, 4), s3)
+    data = f"{root}/snapshots/{bad}/lmdb/shard-00000-of-00001/data.mdb"
+    raw = bytearray(store_fs.read_bytes(data))
+    raw[len(raw) // 2] ^= 1
+    store_fs.write_bytes(data, bytes(raw))
+    result = cli("pull", root, tmp_path / "served", "--", *s3["options"])
+    assert result.exit_code == 2 and "sha256 mismatch" in result.output and "data.mdb" in result.output
+    assert current_id(tmp_path / "served") == good
+    assert [p.name for p in (tmp_path / "served" / SNAPSHOTS).iterdir()] == [good]
+
+
+def test_pull_refuses_a_current_that_names_a_path(cli, tmp_path, s3):
+    use_s3(s3["options"])
+    root = f"{s3['bucket']}/hostile"
+    store_fs.write_bytes(f"{root}/CURRENT", b"../../etc\n")
+    result = cli("pull", root, tmp_path / "served", "--", *s3["options"])
+    assert result.exit_code == 2 and "not a snapshot id" in result.output
+
+
+def test_pull_watch_picks_up_a_second_snapshot(tmp_path, s3):
+    root = f"{s3['bucket']}/watch"
+    first = remote_snapshot(tmp_path, root, vectors(10, 5), s3)
+    served = tmp_path / "served"
+    command = [
+        sys.executable,
+        "-m",
+        "runners.cli",
+        "pull",
+        root,
+        str(served),
+        "--watch",
+        "0.2",
+        "--json",
+        "--keep",
+        "1",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    watcher = subprocess.Popen([*command, "--", *s3["options"]], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert json.loads(watcher.stdout.readline())["snapshot_id"] == first
+        second = remote_snapshot(tmp_path, root, vectors(10, 6), s3)
+        report = json.loads(watcher.stdout.readline())
+        assert report["snapshot_id"] == second and report["pulled"]
+        assert current_id(served) == second and [p.name for p in (served / SNAPSHOTS).iterdir()] == [second]
+    finally:
+        watcher.terminate()
+        watcher.wait(10)
+
+
+def _portable_services(workdir: Path) -> tuple[list[subprocess.Popen], list[str]]:
+    """Beam's job service and an external worker pool, started in ``workdir``; their runner flags."""
+    job_port, pool_port = _free_port(), _free_port()
+    beam = "apache_beam.runners"
+    services = [
+        subprocess.Popen([sys.executable, "-m", f"{beam}.worker.worker_pool_main", f"--service_port={pool_port}"],
+                         cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", f"{beam}.portability.local_job_service_main", f"--port={job_port}"],
+                         cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]  # fmt: skip
+    _wait_for_port(pool_port, services[0])
+    _wait_for_port(job_port, services[1])
+    return services, [
+        "--runner", "portable", "--", f"--job_endpoint=localhost:{job_port}",
+        "--environment_type=EXTERNAL", f"--environment_config=localhost:{pool_port}",
+    ]  # fmt: skip
+
+
+def test_the_portable_runner_with_workers_elsewhere_gives_the_same_snapshot(
+    cli, tiny_bert, tmp_path, monkeypatch, direct_build
+):
+    log, local_root, _ = direct_build
+    (tmp_path / "log.jsonl").write_bytes(log.read_bytes())
+    elsewhere = tmp_path / "worker-cwd"
+    elsewhere.mkdir()
+    services, flags = _portable_services(elsewhere)
+    try:
+        monkeypatch.chdir(tmp_path)  # relative paths on the driver must mean the same on the workers
+        run_build(cli, *build_args("log.jsonl", "portable", tiny_bert, "--count-field", "count", *flags))
+    finally:
+        for service in services:
+            service.terminate()
+            service.wait(10)
+    assert not list(elsewhere.iterdir())
+    same_answers(table(tmp_path / "portable"), table(local_root))
+
+
+@pytest.mark.slow
+def test_the_multiprocess_runner_gives_the_same_snapshot(cli, tiny_bert, tmp_path, direct_build):
+    log, local_root, _ = direct_build
+    flags = ["--count-field", "count", "--runner", "multiprocess", "--", "--direct_num_workers=2"]
+    run_build(cli, *build_args(log, tmp_path / "multi", tiny_bert, *flags))
+    same_answers(table(tmp_path / "multi"), table(local_root))
+
+
+def test_a_worker_stages_a_remote_model_once_and_names_a_file_that_differs(tiny_bert, tmp_path, s3, monkeypatch):
+    from inference import EngineConfig
+    from inference.fingerprint import model_files
+    from inference.model import ModelError
+    from transforms import model_stage
+
+    use_s3(s3["options"])
+    monkeypatch.setattr(model_stage, "CACHE", str(tmp_path / "cache"))
+    source = f"{s3['bucket']}/models/staged"
+    for path in sorted(Path(tiny_bert).rglob("*")):
+        if path.is_file():
+            store_fs.write_bytes(store_fs.join(source, path.relative_to(tiny_bert).as_posix()), path.read_bytes())
+    files = model_files(tiny_bert)
+    model = model_stage.ShippedModel(source, files, "a" * 64, EngineConfig(model_dir=source))
+    local = model_stage.stage(model)
+    assert model_files(local) == files and model_stage.stage(model) == local
+    tampered = model._replace(files={**files, "config.json": "0" * 64}, fingerprint="b" * 64)
+    with pytest.raises(ModelError, match="model file config.json"):
+        model_stage.stage(tampered)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["a" * 64]
+
+
+def test_a_pattern_that_matches_nothing_on_the_workers_is_an_error_naming_it(cli, tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setattr("pipelines.build.check_logs", lambda patterns, fields: [])  # the driver saw files
+    result = cli(*build_args(tmp_path / "gone-*.jsonl", tmp_path / "out", tiny_bert))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"--logs {tmp_path}/gone-*.jsonl matched files on the driver but none on the workers" in result.output
+    assert not list((tmp_path / "out" / "snapshots").iterdir())
