@@ -17,8 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 from store import Snapshot, normalize
-from tests.conftest import build_args
+from tests.conftest import build_args, write_jsonl
 from tests.test_build import BAD_JSONL, BAD_REASONS, PII
+from tests.test_distributed import remote_snapshot, s3, vectors  # noqa: F401 (s3 is a fixture)
 from tests.tiny_bert import WORDS
 
 SIZES = [1, 2, 3, 5, 7, 10, 20, 25]  # the log scale of the curves for a 25-row snapshot
@@ -219,3 +220,24 @@ def test_a_build_that_reuses_every_result_keeps_the_measured_cost(replayed, tiny
         again["inference_cost"] == first["inference_cost"]
         and first["inference_cost"]["measured_in"] == first["snapshot_id"]
     )
+
+
+def test_a_snapshot_on_s3_replays_like_a_local_one(s3, tmp_path):  # noqa: F811 (the fixture)
+    from runners.cli import main
+
+    root = f"{s3['bucket']}/replay-{tmp_path.name}"
+    remote_snapshot(tmp_path, root, vectors(30, 1), s3)  # keys "query 0".."query 29", ranked in that order
+    queries = [f"Query  {i % 45}" for i in range(200)]  # 30..44 are misses
+    log = write_jsonl(tmp_path / "day.jsonl", [{"query": q} for q in queries])
+    args = ["replay", root, "--logs", log, "--json", "--quiet", "--", *s3["options"]]
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    f, counts = json.loads(result.stdout), Counter(normalize(q) for q in queries)
+    order = [f"query {i}" for i in range(30)]
+    hits = sum(counts[k] for k in order)
+    assert (f["traffic"], f["hit_traffic"], f["distinct_queries"], f["distinct_hits"]) == (200, hits, 45, 30)
+    assert f["curve"] == [
+        {"head_size": n, "traffic_hit_rate": sum(counts[k] for k in order[:n]) / 200}
+        for n in [1, 2, 3, 5, 7, 10, 20, 30]
+    ]
+    assert [m["key"] for m in f["top_misses"]][:3] == ["query 30", "query 31", "query 32"]
