@@ -92,8 +92,8 @@ def test_every_figure_equals_a_plain_python_replay(replayed):
     order = ranked_eligible(day1)[0][:25]  # the build's head, in the build's order
     counts1, _ = counts_and_users(day1)
     assert any(counts1[order[n - 1]] == counts1[order[n]] for n in SIZES[:-1])  # a tie straddles a curve point
-    snap = Snapshot.open(root)
-    assert sorted(snap) == sorted(order) and snap.manifest["rows"] == 25
+    with Snapshot.open(root) as snap:
+        assert sorted(snap) == sorted(order) and snap.manifest["rows"] == 25
     ranked2, counts2 = ranked_eligible(day2)
     _, users2 = counts_and_users(day2)
     traffic, hit = sum(counts2.values()), sum(counts2[k] for k in order)
@@ -189,7 +189,8 @@ def test_user_mistakes_exit_2_with_one_line(replayed, tmp_path, change, message)
     from runners.cli import main
 
     if change.get("SNAPSHOT") == "CORRUPT":
-        shutil.copytree(Snapshot.open(replayed.root).directory, tmp_path / "snap")
+        with Snapshot.open(replayed.root) as snap:
+            shutil.copytree(snap.directory, tmp_path / "snap")
         with (tmp_path / "snap/parquet/part-00000-of-00001.parquet").open("ab") as fh:
             fh.write(b"x")
         change = {"SNAPSHOT": tmp_path / "snap"}
@@ -206,7 +207,8 @@ def test_user_mistakes_exit_2_with_one_line(replayed, tmp_path, change, message)
 def test_a_build_that_reuses_every_result_keeps_the_measured_cost(replayed, tiny_bert):
     from runners.cli import main
 
-    first = Snapshot.open(replayed.root).manifest
+    with Snapshot.open(replayed.root) as snap:  # an open snapshot would keep its LMDB from the next build
+        first = snap.manifest
     log = write_day(replayed.root.parent / "day1-again.jsonl", replayed.day1)
     fields = ["--count-field", "count", "--user-field", "user", "--min-users", "2"]
     result = CliRunner().invoke(
@@ -214,7 +216,8 @@ def test_a_build_that_reuses_every_result_keeps_the_measured_cost(replayed, tiny
     )
     assert result.exit_code == 0, result.output
     assert (json.loads(result.stdout)["computed"], json.loads(result.stdout)["reused"]) == (0, 25)
-    again = Snapshot.open(replayed.root).manifest
+    with Snapshot.open(replayed.root) as snap:
+        again = snap.manifest
     assert again["snapshot_id"] != first["snapshot_id"]
     assert (
         again["inference_cost"] == first["inference_cost"]
