@@ -122,7 +122,20 @@ def _finalize(staging: str, manifest: dict, shards: list, dead_files: list, stat
         "rank": "1 + head queries with a greater count",
     }
     head = {**manifest, "stats": stats, "selection": selection, "rejected": sorted(rejected_files)}
-    commit(staging, head, shards, rejected_files)
+    commit(staging, head | {"inference_cost": _inference_cost(manifest, inference)}, shards, rejected_files)
+
+
+def _inference_cost(manifest: dict, inference: dict) -> dict | None:
+    """Engine seconds per query measured here, or those of the snapshot whose results were all reused."""
+    if not inference.get("queries"):
+        return manifest.get("inference_cost")
+    return {
+        "seconds_per_query": inference["seconds"] / inference["queries"],
+        "queries": inference["queries"],
+        "measured_in": manifest["snapshot_id"],
+        "dtype": manifest["model"].get("dtype"),
+        "device": manifest["model"].get("device"),
+    }
 
 
 def build(options: BuildOptions, beam_args: list[str]) -> dict:
@@ -144,6 +157,7 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
     manifest = new_manifest(
         snapshot_id, engine.config.task, schema, describe,
         reused_from=previous and previous.manifest["snapshot_id"], build=_recorded_options(options),
+        inference_cost=previous and previous.manifest.get("inference_cost"),
     )  # fmt: skip
     try:
         with share_engine(engine):

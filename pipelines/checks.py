@@ -8,12 +8,12 @@ import itertools
 import logging
 import os
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from inference.engine import Engine, EngineConfig
 from store import fs, remote
 from store.format import SnapshotError, read_manifest
 from store.publish import resolve
@@ -21,6 +21,9 @@ from store.remote import SnapshotRef
 from store.snapshot import Snapshot
 from transforms.progress import tick
 from transforms.records import LogFields, columns_of, format_of
+
+if TYPE_CHECKING:  # the engine (torch) loads only where a build checks fidelity
+    from inference.engine import Engine, EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,15 @@ def check_logs(patterns: tuple[str, ...], fields: LogFields) -> list[str]:
     return paths
 
 
+def check_accepted(patterns: tuple[str, ...], accepted: int, rejected_by_reason: dict) -> None:
+    """Raise BuildError when no record of the logs was accepted, naming the most common rejection."""
+    if accepted == 0:
+        top = max(rejected_by_reason, key=rejected_by_reason.get) if rejected_by_reason else "none"
+        raise BuildError(
+            f"no query in {', '.join(patterns)} was accepted (most rejections: {top}); check --format and --query-field"
+        )
+
+
 def previous_snapshot(root: str, fingerprint: str, schema: dict) -> SnapshotRef | None:
     """The current snapshot under ``root`` (any filesystem) when it holds results of this model version and schema."""
     try:
@@ -90,6 +102,8 @@ def fidelity_gate(staging: os.PathLike, engine: Engine, options, previous: os.Pa
 
     Reused answers passed the gate of their own build; with nothing computed there is nothing to check.
     """
+    from inference.engine import Engine
+
     if not options.fidelity_sample or not computed:
         return {"sample": 0, "passed": True}
     with Snapshot.open(staging, verify=False) as snapshot:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from runners import finetune, manage, views
+from runners import finetune, manage, replay, views
 from runners.common import UserError, echo_json, print_version, setup_logging
 from runners.inputs import check_inputs, head_selection, input_options, log_fields
 from runners.progress import progress_display
@@ -205,7 +205,7 @@ def model_info(model_dir: str | None, as_json: bool) -> None:
 
 for command in (
     manage.inspect, manage.lookup, manage.verify, manage.list_, manage.rollback_, manage.gc_, manage.pull_,
-    finetune.finetune,
+    finetune.finetune, replay.replay,
 ):  # fmt: skip
     main.add_command(command)
 

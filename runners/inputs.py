@@ -1,4 +1,4 @@
-"""The input flags that every command reading query logs shares (build, finetune): one definition.
+"""The input flags that every command reading query logs shares (build, finetune, replay): one definition.
 
 @main.command()
 @input_options
@@ -50,6 +50,8 @@ _OPTIONS = [
     click.option("--time-field", help="Field holding an ISO 8601 time or epoch seconds (for --since/--until)."),
     click.option("--since", callback=_iso, help="Keep records at or after this ISO 8601 time."),
     click.option("--until", callback=_iso, help="Keep records before this ISO 8601 time."),
+]
+_HEAD_OPTIONS = [
     click.option("--top-k", type=click.IntRange(1), help="Keep the K most frequent queries."),
     click.option("--min-count", type=click.IntRange(1), help="Keep queries seen at least N times (default 1)."),
     click.option(
@@ -66,9 +68,16 @@ _OPTIONS = [
 ]
 
 
+def log_input_options(command):
+    """Add the log-reading flags of ``build`` (--logs, --format, fields, --since/--until) to ``command``."""
+    for option in reversed(_OPTIONS):
+        command = option(command)
+    return command
+
+
 def input_options(command):
     """Add the log-reading, head-selection and privacy flags of ``build`` to ``command``."""
-    for option in reversed(_OPTIONS):
+    for option in reversed(_OPTIONS + _HEAD_OPTIONS):
         command = option(command)
     return command
 
@@ -84,15 +93,15 @@ def check_inputs(kw: dict) -> list[str]:
         )
     if kw["min_users"] and not kw["user_field"]:
         raise UserError("--min-users needs --user-field, the field that identifies users")
-    if (kw["since"] or kw["until"]) and not kw["time_field"]:
-        raise UserError("--since/--until need --time-field, the field that holds the record time")
     return picked
 
 
 def log_fields(kw: dict, label: str | None = None):
-    """The ``LogFields`` of the command line."""
+    """The ``LogFields`` of the command line; UserError for --since/--until without --time-field."""
     from transforms.records import LogFields
 
+    if (kw["since"] or kw["until"]) and not kw["time_field"]:
+        raise UserError("--since/--until need --time-field, the field that holds the record time")
     return LogFields(
         format=kw["fmt"],
         query=kw["query_field"],

@@ -36,6 +36,22 @@ class _Screen(beam.DoFn):
             yield row
 
 
+class ScreenPrivacy(beam.PTransform):
+    """``counts | ScreenPrivacy(min_users=5)`` -> ``(eligible, dropped)``: the privacy filters of a build.
+
+    A ``(key, count, users, ...)`` row is dropped when its key looks personal (PII scrub) or, with
+    ``min_users``, fewer distinct users issued it; ``dropped`` holds one reason per dropped row.
+    """
+
+    def __init__(self, min_users: int | None = None, scrub_pii: bool = True):
+        super().__init__()
+        self.min_users, self.scrub_pii = min_users, scrub_pii
+
+    def expand(self, counts):
+        screened = counts | beam.ParDo(_Screen(self.min_users, self.scrub_pii)).with_outputs(DROPPED, main="eligible")
+        return screened.eligible, screened[DROPPED]
+
+
 class SmallestKeys(beam.CombineFn):
     """Keep the ``quota`` rows with the smallest key bytes; elements are ``(quota, row)``."""
 
@@ -98,10 +114,7 @@ class SelectHead(beam.PTransform):
         self.selection, self.min_users, self.scrub_pii = selection, min_users, scrub_pii
 
     def expand(self, counts):
-        screened = counts | "Privacy" >> beam.ParDo(_Screen(self.min_users, self.scrub_pii)).with_outputs(
-            DROPPED, main="eligible"
-        )
-        eligible = screened.eligible
+        eligible, dropped = counts | "Privacy" >> ScreenPrivacy(self.min_users, self.scrub_pii)
         total = counts | "Traffic" >> beam.Map(lambda row: row[1]) | "SumTraffic" >> beam.CombineGlobally(sum)
         plan = (
             eligible
@@ -122,4 +135,4 @@ class SelectHead(beam.PTransform):
             | "Head" >> beam.Flatten()
             | "Rank" >> beam.Map(lambda row, plan: (*row, plan["ranks"][row[1]]), plan=AsSingleton(plan))
         )
-        return head, plan, screened[DROPPED]
+        return head, plan, dropped
