@@ -1,6 +1,17 @@
-"""Model loading and inference, without Beam: shared by the pipeline's DoFn and online fallbacks."""
+"""Model loading and inference, without Beam: shared by the pipeline's DoFn and online fallbacks.
 
-from inference.engine import Engine, EngineConfig
-from inference.model import ModelError
+    from inference import Engine, EngineConfig
 
-__all__ = ["Engine", "EngineConfig", "ModelError"]
+Names load on first use, so ``inference.template`` (no torch) imports without torch.
+"""
+
+import importlib
+
+_LAZY = {"Engine": "inference.engine", "EngineConfig": "inference.engine", "ModelError": "inference.model"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'inference' has no attribute {name!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,8 +161,8 @@ class Engine:
             return queries
         return [apply(self.config.template, q, self.tokenizer.mask_token) for q in queries]
 
-    def run(self, queries: list[str]) -> tuple[list[Any], BatchStats]:
-        """Results in input order and the counters of this call."""
+    def run(self, queries: list[str], progress: Callable[[int], None] | None = None) -> tuple[list[Any], BatchStats]:
+        """Results in input order and the counters of this call; ``progress(n)`` after each batch of n queries."""
         start = time.perf_counter()
         stats = BatchStats(queries=len(queries))
         encodings = self._encoder.encode_batch(self._texts(queries))
@@ -176,6 +177,8 @@ class Engine:
             stats.padded_tokens += padded
             for (i, _), result in zip(batch, outputs):
                 results[i] = result
+            if progress is not None:
+                progress(len(batch))
         stats.rejected = {"mask_truncated": results.count(None)} if self.config.task == "fill-mask" else {}
         stats.seconds = time.perf_counter() - start
         return results, stats

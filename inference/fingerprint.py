@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 ENGINE_VERSION = 1  # bump when querycache's own pre- or post-processing changes an answer
+_IGNORED_NAMES = ("finetune.json",)  # training report: no answer depends on it
 _IGNORED_SUFFIXES = (".md", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ot", ".ckpt")
 _file_digests: dict[tuple[str, int, int, int, int], str] = {}
 
@@ -35,7 +36,10 @@ def model_files(model_dir: str | os.PathLike) -> dict[str, str]:
     return {
         path.relative_to(root).as_posix(): _file_digest(path)
         for path in sorted(root.rglob("*"))
-        if path.is_file() and not path.name.startswith(".") and not path.name.lower().endswith(_IGNORED_SUFFIXES)
+        if path.is_file()
+        and not path.name.startswith(".")
+        and path.name not in _IGNORED_NAMES
+        and not path.name.lower().endswith(_IGNORED_SUFFIXES)
     }
 
 

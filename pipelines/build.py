@@ -25,6 +25,7 @@ from apache_beam.pvalue import AsList, AsSingleton
 
 from inference.engine import Engine, EngineConfig
 from pipelines.checks import BuildError, check_logs, fidelity_gate, previous_snapshot
+from pipelines.watch import run_and_watch
 from store import fs, remote
 from store.format import SnapshotError, new_manifest, read_manifest
 from store.publish import current_id, discard_staging, new_snapshot_id, new_staging, publish
@@ -122,7 +123,20 @@ def _finalize(staging: str, manifest: dict, shards: list, dead_files: list, stat
         "rank": "1 + head queries with a greater count",
     }
     head = {**manifest, "stats": stats, "selection": selection, "rejected": sorted(rejected_files)}
-    commit(staging, head, shards, rejected_files)
+    commit(staging, head | {"inference_cost": _inference_cost(manifest, inference)}, shards, rejected_files)
+
+
+def _inference_cost(manifest: dict, inference: dict) -> dict | None:
+    """Engine seconds per query measured here, or those of the snapshot whose results were all reused."""
+    if not inference.get("queries"):
+        return manifest.get("inference_cost")
+    return {
+        "seconds_per_query": inference["seconds"] / inference["queries"],
+        "queries": inference["queries"],
+        "measured_in": manifest["snapshot_id"],
+        "dtype": manifest["model"].get("dtype"),
+        "device": manifest["model"].get("device"),
+    }
 
 
 def build(options: BuildOptions, beam_args: list[str]) -> dict:
@@ -133,7 +147,8 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
     options = absolute_paths(options)
     check_logs(options.logs, options.fields)
     model, engine = ship_model(options.engine)
-    log.info("model %s: %s, fingerprint %s", model.source, engine.settings, engine.fingerprint[:16])
+    settings = ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in engine.settings.items())
+    log.info("model %s: %s; fingerprint %s", model.source, settings, engine.fingerprint[:16])
     schema = engine.schema | ({"encoding": options.store_dtype} if engine.config.task == "embed" else {})
     expected = _current(options.out)
     previous = previous_snapshot(options.out, engine.fingerprint, schema) if options.reuse else None
@@ -143,6 +158,7 @@ def build(options: BuildOptions, beam_args: list[str]) -> dict:
     manifest = new_manifest(
         snapshot_id, engine.config.task, schema, describe,
         reused_from=previous and previous.manifest["snapshot_id"], build=_recorded_options(options),
+        inference_cost=previous and previous.manifest.get("inference_cost"),
     )  # fmt: skip
     try:
         with share_engine(engine):
@@ -183,8 +199,9 @@ def _storage_full(err: BaseException | None) -> str | None:
 
 def _run(options, beam_args, model, schema, staging, manifest, previous) -> None:
     try:
-        with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
-            build_pipeline(p, options, model, schema, staging, manifest, previous)
+        p = beam.Pipeline(options=PipelineOptions(beam_args))
+        build_pipeline(p, options, model, schema, staging, manifest, previous)
+        run_and_watch(p)
     except Exception as err:  # a worker that sees no log file: name the pattern, not the runner's traceback
         found = re.search(re.escape(UNMATCHED) + r" (.*?) on this worker", str(err))
         if found is None:
@@ -244,11 +261,13 @@ def _gate_and_publish(options, engine: Engine, staging: str, previous: SnapshotR
                 fs.write_bytes(os.path.join(local, "manifest.json"), fs.read_bytes(fs.join(staging, "manifest.json")))
                 manifest["fidelity"] = fidelity_gate(local, engine, options, None, computed)
             fs.write_bytes(fs.join(staging, "manifest.json"), _manifest_bytes(manifest))
+            log.info("publishing snapshot %s", manifest["snapshot_id"])
             remote.publish(options.out, manifest["snapshot_id"], expected)
         else:
             local_previous = previous and previous.directory
             manifest["fidelity"] = fidelity_gate(staging, engine, options, local_previous, computed)
             save_manifest(staging, manifest)
+            log.info("publishing snapshot %s", manifest["snapshot_id"])
             publish(options.out, staging, expected)
     except (SnapshotError, ValueError) as err:
         raise BuildError(str(err)) from None

@@ -8,18 +8,22 @@ import itertools
 import logging
 import os
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from inference.engine import Engine, EngineConfig
 from store import fs, remote
 from store.format import SnapshotError, read_manifest
 from store.publish import resolve
 from store.remote import SnapshotRef
 from store.snapshot import Snapshot
+from transforms.progress import tick
 from transforms.records import LogFields, columns_of, format_of
+
+if TYPE_CHECKING:  # the engine (torch) loads only where a build checks fidelity
+    from inference.engine import Engine, EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,7 @@ class BuildError(Exception):
 def check_logs(patterns: tuple[str, ...], fields: LogFields) -> list[str]:
     """Every pattern matches at least one non-empty file; tabular files have the named columns."""
     paths: list[str] = []
+    sizes: dict[str, int] = {}  # a file matched by two patterns is read once
     for pattern in patterns:
         if os.path.isdir(pattern):
             raise BuildError(f"--logs {pattern} is a directory; pass a glob such as '{pattern.rstrip('/')}/*'")
@@ -41,9 +46,11 @@ def check_logs(patterns: tuple[str, ...], fields: LogFields) -> list[str]:
         if not matched:
             raise BuildError(f"--logs {pattern} matches no non-empty file; check the path or glob")
         paths.extend(m.path for m in matched)
-    formats = Counter(format_of(path, fields.format) for path in paths)
-    log.info("reading %d log files: %s", len(paths), ", ".join(f"{n} {fmt}" for fmt, n in sorted(formats.items())))
-    wanted = [f for f in (fields.query, fields.count, fields.user, fields.time) if f]
+        sizes |= {m.path: m.size_in_bytes for m in matched}
+    formats = ", ".join(f"{n} {fmt}" for fmt, n in sorted(Counter(format_of(p, fields.format) for p in paths).items()))
+    size = sum(sizes.values())
+    log.info("reading %d log files (%d bytes): %s", len(sizes), size, formats, extra=tick("read", total=size))
+    wanted = [f for f in (fields.query, fields.count, fields.user, fields.time, fields.label) if f]
     for path in {format_of(p, fields.format): p for p in paths}.values():
         with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as stream:
             columns = columns_of(path, stream, fields)
@@ -51,9 +58,18 @@ def check_logs(patterns: tuple[str, ...], fields: LogFields) -> list[str]:
         if missing:
             raise BuildError(
                 f"{path} has no column {missing[0]!r} (columns: {', '.join(columns)}); "
-                "pass --query-field/--count-field/--user-field/--time-field"
+                "pass --query-field/--count-field/--user-field/--time-field/--label-field"
             )
     return paths
+
+
+def check_accepted(patterns: tuple[str, ...], accepted: int, rejected_by_reason: dict) -> None:
+    """Raise BuildError when no record of the logs was accepted, naming the most common rejection."""
+    if accepted == 0:
+        top = max(rejected_by_reason, key=rejected_by_reason.get) if rejected_by_reason else "none"
+        raise BuildError(
+            f"no query in {', '.join(patterns)} was accepted (most rejections: {top}); check --format and --query-field"
+        )
 
 
 def previous_snapshot(root: str, fingerprint: str, schema: dict) -> SnapshotRef | None:
@@ -86,6 +102,8 @@ def fidelity_gate(staging: os.PathLike, engine: Engine, options, previous: os.Pa
 
     Reused answers passed the gate of their own build; with nothing computed there is nothing to check.
     """
+    from inference.engine import Engine
+
     if not options.fidelity_sample or not computed:
         return {"sample": 0, "passed": True}
     with Snapshot.open(staging, verify=False) as snapshot:
@@ -96,6 +114,7 @@ def fidelity_gate(staging: os.PathLike, engine: Engine, options, previous: os.Pa
             before.close()
     if not keys:
         return {"sample": 0, "passed": True}
+    log.info("checking fidelity: %d stored answers against an fp32 forward pass", len(keys))
     reference = engine if engine.dtype == "fp32" else Engine(_fp32(engine))
     expected = reference(keys)
     pairs = [(s, e) for s, e in zip(stored, expected) if e is not None]
@@ -118,7 +137,9 @@ def fidelity_gate(staging: os.PathLike, engine: Engine, options, previous: os.Pa
         ok = diff <= options.max_prob_diff
         limit = f"max probability difference {diff:.5f} > {options.max_prob_diff}"
     result |= {"sample": len(pairs), "reference": "fp32", "dtype": engine.dtype, "passed": ok}
-    log.info("fidelity of %s against fp32 on %d queries: %s", engine.dtype, len(pairs), result)
+    figures = ", ".join(f"{k.replace('_', ' ')} {v:.5f}" for k, v in result.items() if isinstance(v, float))
+    log.info("fidelity of %s against fp32 on %d queries: %s, %s", engine.dtype, len(pairs), figures,
+             "passed" if ok else "failed")  # fmt: skip
     if not ok:
         raise BuildError(
             f"fidelity gate failed for --dtype {engine.dtype}: {limit}; "

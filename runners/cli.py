@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 
-from runners import manage
-from runners.common import UserError, echo_json, setup_logging
+from runners import finetune, manage, replay, views
+from runners.common import UserError, echo_json, print_version, setup_logging
+from runners.inputs import check_inputs, head_selection, input_options, log_fields
+from runners.progress import progress_display
 from store import SnapshotError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=print_version,
+    help="Versions of querycache, Beam, torch, transformers and the key function.",
+)
 def main() -> None:
     """Precompute BERT answers for the head of your query logs and serve them from disk.
 
@@ -19,30 +30,15 @@ def main() -> None:
     Example:
       querycache build --logs 'examples/logs/*.jsonl' --out /tmp/qc
       querycache lookup /tmp/qc "cheap flights to paris"
+
+    \b
+    Shell completion (bash; zsh_source and fish_source for the others):
+      eval "$(_QUERYCACHE_COMPLETE=bash_source querycache)"
     """
 
 
-def _fraction(ctx, param, value):
-    if value is not None and not 0 < value <= 1:
-        raise click.BadParameter(f"{value} is outside (0, 1]; for example --coverage 0.8")
-    return value
-
-
-def _iso(ctx, param, value):
-    if value is None:
-        return None
-    from transforms.records import parse_time
-
-    try:
-        return parse_time(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not ISO 8601; for example 2026-11-01T00:00:00Z") from None
-
-
 @main.command(context_settings={"ignore_unknown_options": False})
-@click.option(
-    "--logs", "logs", multiple=True, required=True, help="Log files: a path or glob on any Beam filesystem; repeatable."
-)
+@input_options
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Snapshot root (CURRENT and snapshots/ live here)."
 )
@@ -56,32 +52,6 @@ def _iso(ctx, param, value):
 @click.option(
     "--fill-top-k", default=5, show_default=True, type=click.IntRange(1, 1000), help="Fill-mask predictions per mask."
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["auto", "text", "jsonl", "csv", "tsv", "parquet"]),
-    default="auto",
-    show_default=True,
-)
-@click.option("--query-field", default="query", show_default=True)
-@click.option("--count-field", help="Field holding a positive integer weight per record.")
-@click.option("--user-field", help="Field identifying the user (for --min-users).")
-@click.option("--time-field", help="Field holding an ISO 8601 time or epoch seconds (for --since/--until).")
-@click.option("--since", callback=_iso, help="Keep records at or after this ISO 8601 time.")
-@click.option("--until", callback=_iso, help="Keep records before this ISO 8601 time.")
-@click.option("--top-k", type=click.IntRange(1), help="Keep the K most frequent queries.")
-@click.option("--min-count", type=click.IntRange(1), help="Keep queries seen at least N times (default 1).")
-@click.option(
-    "--coverage", type=float, callback=_fraction, help="Keep the fewest queries covering this fraction of traffic."
-)
-@click.option("--min-users", type=click.IntRange(1), help="Keep queries issued by at least K distinct users.")
-@click.option(
-    "--scrub-pii/--no-scrub-pii",
-    default=True,
-    show_default=True,
-    help="Drop queries with e-mails, phones, cards, IPs, long digit runs.",
-)
-@click.option("--max-query-chars", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
@@ -141,25 +111,17 @@ def build(**kw: Any) -> None:
       querycache build --logs q.csv --query-field q --out /data/qc --runner multiprocess -- --direct_num_workers=4
     """
     setup_logging(kw["quiet"])
-    picked = [name for name in ("top_k", "min_count", "coverage") if kw[name] is not None]
-    if len(picked) > 1:
-        raise UserError(
-            "choose one of --top-k, --min-count, --coverage (got "
-            + ", ".join("--" + p.replace("_", "-") for p in picked)
-            + ")"
-        )
-    if kw["min_users"] and not kw["user_field"]:
-        raise UserError("--min-users needs --user-field, the field that identifies users")
-    if (kw["since"] or kw["until"]) and not kw["time_field"]:
-        raise UserError("--since/--until need --time-field, the field that holds the record time")
+    picked = check_inputs(kw)
     from inference.model import ModelError
     from pipelines.build import build as run_build
     from pipelines.checks import BuildError
-    from runners.presets import beam_args
+    from runners.presets import beam_args, in_process
 
     options = _build_options(kw, picked)
+    args = beam_args(kw["runner"], list(kw["beam_options"]))
     try:
-        summary = run_build(options, beam_args(kw["runner"], list(kw["beam_options"])))
+        with progress_display(kw["quiet"], live=in_process(args)):
+            summary = run_build(options, args)
     except (BuildError, ModelError, SnapshotError) as err:
         raise UserError(str(err)) from None
     except OSError as err:  # disk full, permissions: the environment, not querycache
@@ -167,17 +129,25 @@ def build(**kw: Any) -> None:
     if kw["as_json"]:
         echo_json(summary)
     else:
-        _print_summary(summary)
+        click.echo(views.build_summary(summary, _published_manifest(kw["out"], summary["snapshot_id"])))
+
+
+def _published_manifest(root: str, snapshot_id: str) -> dict | None:
+    """The manifest the summary came from, for the words of the head selection (None where unreadable)."""
+    from store.format import read_manifest
+    from store.publish import SNAPSHOTS
+
+    try:
+        return read_manifest(Path(root) / SNAPSHOTS / snapshot_id)
+    except (SnapshotError, OSError):
+        return None
 
 
 def _build_options(kw: dict, picked: list[str]):
     """Map the command line onto BuildOptions (imports deferred: `querycache lookup` needs no torch)."""
     from inference.engine import EngineConfig
     from pipelines.build import BuildOptions
-    from transforms.records import LogFields
-    from transforms.selection import Selection
 
-    mode = picked[0] if picked else "min_count"
     return BuildOptions(
         logs=tuple(kw["logs"]),
         out=kw["out"],
@@ -194,16 +164,8 @@ def _build_options(kw: dict, picked: list[str]):
             token_budget=kw["token_budget"],
             streams=kw["streams"] or (1 if kw["runner"] == "multiprocess" else 0),
         ),
-        fields=LogFields(
-            format=kw["fmt"],
-            query=kw["query_field"],
-            count=kw["count_field"],
-            user=kw["user_field"],
-            time=kw["time_field"],
-            since=kw["since"],
-            until=kw["until"],
-        ),
-        selection=Selection(mode, kw[mode] if picked else 1),
+        fields=log_fields(kw),
+        selection=head_selection(kw, picked),
         min_users=kw["min_users"],
         scrub_pii=kw["scrub_pii"],
         max_query_chars=kw["max_query_chars"],
@@ -214,21 +176,6 @@ def _build_options(kw: dict, picked: list[str]):
         min_cosine=kw["min_cosine"],
         min_agreement=kw["min_agreement"],
         max_prob_diff=kw["max_prob_diff"],
-    )
-
-
-def _print_summary(s: dict) -> None:
-    reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["rejected_by_reason"].items())) or "none"
-    dropped = ", ".join(f"{k} {v}" for k, v in sorted(s["dropped_for_privacy"].items())) or "none"
-    click.echo(
-        f"snapshot {s['snapshot_id']} published in {s['seconds']:.1f}s\n"
-        f"  lines read        {s['lines_read']} = accepted {s['accepted']} + rejected {s['rejected']} ({reasons})\n"
-        f"  distinct queries  {s['distinct_queries']}\n"
-        f"  head              {s['head_size']} queries covering {s['traffic_covered']:.1%} of traffic\n"
-        f"  privacy drops     {dropped}\n"
-        f"  results           {s['computed']} computed ({s['inference_queries_per_second']:.0f} queries/s), "
-        f"{s['reused']} reused\n"
-        f"  fidelity          {s['fidelity']}"
     )
 
 
@@ -253,15 +200,13 @@ def model_info(model_dir: str | None, as_json: bool) -> None:
     if as_json:
         echo_json(info)
         return
-    click.echo(f"model  {info['model_dir']}")
-    for task, t in info["tasks"].items():
-        click.echo(
-            f"  {task:<10} "
-            + (f"ok  fingerprint {t['fingerprint']}  {t['settings']}" if t["ok"] else f"no  {t['error']}")
-        )
+    click.echo(views.model_info(info))
 
 
-for command in (manage.inspect, manage.lookup, manage.verify, manage.list_, manage.rollback_, manage.gc_, manage.pull_):
+for command in (
+    manage.inspect, manage.lookup, manage.verify, manage.list_, manage.rollback_, manage.gc_, manage.pull_,
+    finetune.finetune, replay.replay,
+):  # fmt: skip
     main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover

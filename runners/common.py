@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import click
@@ -40,3 +42,34 @@ def _jsonable(value: Any) -> Any:
 def echo_json(obj: Any) -> None:
     """One JSON document on stdout; numpy arrays become lists."""
     click.echo(json.dumps(obj, default=_jsonable, ensure_ascii=False))
+
+
+def versions() -> dict[str, str]:
+    """Versions of querycache, its engines and the key function, read from package metadata (no torch import)."""
+    from store.keys import KEY_FUNCTION
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "querycache": of("querycache"),
+        "apache-beam": of("apache-beam"),
+        "torch": of("torch"),
+        "transformers": of("transformers"),
+        "python": platform.python_version(),
+        "key function": f"{KEY_FUNCTION['name']} v{KEY_FUNCTION['version']}",
+    }
+
+
+def print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """The eager ``--version`` option: ``querycache 0.1.0`` and the versions it runs with."""
+    if not value or ctx.resilient_parsing:
+        return
+    info = versions()
+    width = max(map(len, info))
+    click.echo(f"querycache {info.pop('querycache')}")
+    click.echo("\n".join(f"  {name:<{width}}  {value}" for name, value in info.items()))
+    ctx.exit()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
+from runners import human, views
 from runners.common import UserError, echo_json
-from store import Snapshot, SnapshotError, fs, gc, list_snapshots, normalize, remote, rollback
+from store import Snapshot, SnapshotError, current_id, fs, gc, list_snapshots, normalize, remote, rollback
 from store.format import check_files, read_manifest
 from store.publish import resolve
 
@@ -53,31 +53,27 @@ def inspect(path: str, as_json: bool) -> None:
     if as_json:
         echo_json(manifest)
         return
-    model = manifest["model"]
-    lines = {
-        "snapshot": f"{manifest['snapshot_id']} (created {manifest['created']})",
-        "task": f"{manifest['task']}, result {json.dumps(manifest['result'])}",
-        "model": f"{model['fingerprint']} {model.get('architecture', '')} {model.get('dtype', '')}",
-        "model dir": model.get("model_dir"),
-        "key function": f"{manifest['key_function']['name']} v{manifest['key_function']['version']}",
-        "rows": f"{manifest['rows']} in {manifest['lmdb']['shards']} shard(s)",
-        "selection": manifest.get("selection") and json.dumps(manifest["selection"]),
-        **{name.replace("_", " "): json.dumps(value) for name, value in manifest.get("stats", {}).items()},
-        "fidelity": manifest.get("fidelity") and json.dumps(manifest["fidelity"]),
-    }
-    click.echo("\n".join(f"{name:<20} {value}" for name, value in lines.items() if value is not None))
+    click.echo(views.inspect(manifest, current=_is_current(path, manifest["snapshot_id"])))
+
+
+def _is_current(path: str, snapshot_id: str) -> bool | None:
+    try:
+        return (remote.current_id if fs.is_remote(path) else current_id)(path) == snapshot_id
+    except (SnapshotError, OSError):
+        return None
 
 
 @click.command()
 @click.argument("path", type=click.Path())
 @click.argument("queries", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help="Accepted for symmetry: the output is always JSON lines.")
+@click.option("--json", "as_json", is_flag=True, help='One JSON object per query: {"query", "key", "hit", "result"}.')
 def lookup(path: str, queries: tuple[str, ...], as_json: bool) -> None:
-    """Look queries up; print one JSON object per query.
+    """Look queries up: hit or miss, the key each normalised to, and a compact result.
 
     \b
     Example:
       querycache lookup /data/qc "Cheap Flights to Paris" "weather berlin"
+      querycache lookup /data/qc "weather berlin" --json
     """
     if fs.is_remote(path):
         raise UserError(f"lookup memory-maps local files: `querycache pull {path} LOCAL_DIR` first, then look up there")
@@ -88,7 +84,11 @@ def lookup(path: str, queries: tuple[str, ...], as_json: bool) -> None:
     with snap:
         for query in queries:
             result = snap.get(query)
-            echo_json({"query": query, "key": normalize(query), "hit": result is not None, "result": result})
+            key = normalize(query)
+            if as_json:
+                echo_json({"query": query, "key": key, "hit": result is not None, "result": result})
+            else:
+                click.echo(views.lookup_line(query, key, result))
 
 
 @click.command()
@@ -140,15 +140,20 @@ def list_(root: str, as_json: bool) -> None:
     if as_json:
         echo_json(snapshots)
         return
-    for s in snapshots:
-        mark = "*" if s["current"] else " "
-        detail = f"{s['rows']:>9} rows  {s['task']:<9} {s['fingerprint'][:12]}" if s["ok"] else s["error"]
-        click.echo(f"{mark} {s['id']}  {detail}")
+    click.echo(views.snapshot_table(snapshots))
+
+
+def _snapshot_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of a snapshot id: the published snapshots of the ROOT already typed."""
+    try:
+        return [s["id"] for s in list_snapshots(ctx.params["root"]) if s["id"].startswith(incomplete)]
+    except (KeyError, OSError, SnapshotError):
+        return []
 
 
 @click.command("rollback")
 @click.argument("root", type=click.Path())
-@click.argument("snapshot_id", required=False)
+@click.argument("snapshot_id", required=False, shell_complete=_snapshot_ids)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @filesystem_options
 def rollback_(root: str, snapshot_id: str | None, as_json: bool) -> None:
@@ -192,6 +197,8 @@ def gc_(root: str, keep: int, as_json: bool) -> None:
         return
     for snapshot_id in deleted:
         click.echo(f"deleted {snapshot_id}")
+    if not deleted:
+        click.echo(f"nothing to delete: {keep} or fewer snapshots")
 
 
 @click.command("pull")
@@ -215,7 +222,8 @@ def pull_(source_root: str, local_root: str, keep: int | None, every: float | No
         if as_json:
             echo_json(result._asdict() | {"seconds": round(result.seconds, 3)})
         elif result.pulled:
-            click.echo(f"pulled {result.snapshot_id}: {result.bytes} bytes in {result.seconds:.1f}s -> {local_root}")
+            size, took = human.size(result.bytes), human.seconds(result.seconds)
+            click.echo(f"pulled {result.snapshot_id}: {size} in {took}, verified -> {local_root}")
         else:
             click.echo(f"{result.snapshot_id} is already current in {local_root}")
 

@@ -31,3 +31,13 @@ def beam_args(runner: str, extra: list[str]) -> list[str]:
     """Pipeline options for a preset name (or any Beam runner name) plus extra options."""
     base = PRESETS.get(runner.lower(), [f"--runner={runner}"])
     return [*base, *extra]
+
+
+IN_PROCESS_RUNNERS = {"fnapirunner", "directrunner", "bundlebaseddirectrunner"}
+
+
+def in_process(args: list[str]) -> bool:
+    """Whether these options run the workers in this process, where their progress log records arrive."""
+    options = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+    runner = options.get("runner", "DirectRunner").lower()
+    return runner in IN_PROCESS_RUNNERS and options.get("direct_running_mode", "in_memory") != "multi_processing"

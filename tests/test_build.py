@@ -261,7 +261,7 @@ def test_embeddings_equal_a_direct_forward_pass_and_other_spellings_hit(cli, tin
         key.replace(" ", "\u3000"),
         key.translate({c: c + 0xFEE0 for c in range(0x21, 0x7F)}),
     ]:
-        line = json.loads(cli("lookup", tmp_path / "out", spelling).stdout)
+        line = json.loads(cli("lookup", tmp_path / "out", spelling, "--json").stdout)
         assert line["hit"] and line["key"] == key and np.allclose(line["result"], snap.get(key))
 
 

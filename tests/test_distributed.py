@@ -154,7 +154,7 @@ def test_build_to_s3_pulls_to_the_same_snapshot_reuses_and_takes_a_model_from_s3
     report = json.loads(pulled.stdout)
     assert report["snapshot_id"] == first["snapshot_id"] and report["pulled"] and report["bytes"] > 0
     same_answers(table(tmp_path / "served"), table(local_root))
-    hit = json.loads(cli("lookup", tmp_path / "served", next(iter(table(local_root)))).stdout)
+    hit = json.loads(cli("lookup", tmp_path / "served", next(iter(table(local_root))), "--json").stdout)
     assert hit["hit"]
     again = json.loads(cli("pull", root, tmp_path / "served", "--json", "--", *s3["options"]).stdout)
     assert (again["pulled"], again["bytes"]) == (False, 0)

@@ -24,6 +24,7 @@ from store import fs
 from store.format import encode_value
 from store.remote import SnapshotRef
 from transforms.model_stage import ShippedModel, stage
+from transforms.progress import Ticker
 from transforms.stats import sum_dicts
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,27 @@ REUSED, STATS, UNANSWERED = "reused", "stats", "unanswered"
 _engines = shared.Shared()
 
 
-def _split_reused(key: str, joined: dict):
-    """Head rows of ``key``: reused when the previous snapshot holds it, else on to inference."""
-    for row in joined["head"]:
-        if any(True for _ in joined["stored"]):  # no value in flight: WriteSnapshot copies it
-            yield beam.pvalue.TaggedOutput(REUSED, (*row, None))
-        else:
-            yield row
+class _SplitReused(beam.DoFn):
+    """Head rows of a key: reused when the previous snapshot holds it, else on to inference."""
+
+    def __init__(self):
+        self.reused = Metrics.counter("querycache", "reused")
+
+    def setup(self):
+        self.ticker = Ticker(log, "infer")
+
+    def process(self, element):
+        _, joined = element
+        for row in joined["head"]:
+            if any(True for _ in joined["stored"]):  # no value in flight: WriteSnapshot copies it
+                self.reused.inc()
+                self.ticker.add(skipped=1)
+                yield beam.pvalue.TaggedOutput(REUSED, (*row, None))
+            else:
+                yield row
+
+    def finish_bundle(self):
+        self.ticker.flush()
 
 
 class _Reuse(beam.PTransform):
@@ -62,7 +77,7 @@ class _Reuse(beam.PTransform):
         split = (
             {"head": keyed, "stored": stored}
             | "JoinStored" >> beam.CoGroupByKey()
-            | "Split" >> beam.FlatMapTuple(_split_reused).with_outputs(REUSED, main="infer")
+            | "Split" >> beam.ParDo(_SplitReused()).with_outputs(REUSED, main="infer")
         )
         return split.infer, split[REUSED]
 
@@ -106,6 +121,7 @@ class RunBert(beam.DoFn):
             )
         log.info("model ready in %.1fs (%s on %s)", time.perf_counter() - start, self.engine.dtype, self.engine.device)
         self.done, self.started, self.last_log = 0, time.perf_counter(), 0.0
+        self.ticker = Ticker(log, "infer")
 
     def _load(self) -> _EngineHolder:
         return _EngineHolder(Engine(dataclasses.replace(self.model.config, model_dir=stage(self.model))))
@@ -129,7 +145,7 @@ class RunBert(beam.DoFn):
         rows, self.buffer = self.buffer, []
         if not rows:
             return
-        results, stats = self.engine.run([row[0] for row in rows])
+        results, stats = self.engine.run([row[0] for row in rows], progress=lambda n: self.ticker.add(done=n))
         for row, result in zip(rows, results):
             if result is None:
                 yield beam.pvalue.TaggedOutput(UNANSWERED, "mask_truncated")
@@ -159,7 +175,10 @@ class RunBert(beam.DoFn):
         now = time.perf_counter()
         if now - self.last_log > 10:
             self.last_log = now
-            log.info("inferred %d queries in this worker (%.0f queries/s)", self.done, self.done / (now - self.started))
+            rate = self.done / (now - self.started)
+            self.ticker.flush(logging.INFO, "inferred %d queries in this worker (%.0f queries/s)", self.done, rate)
+        else:
+            self.ticker.flush()
 
 
 class ReuseOrInfer(beam.PTransform):

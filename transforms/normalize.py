@@ -33,7 +33,7 @@ class _Normalize(beam.DoFn):
         self.max_chars, self.template = max_chars, template
 
     def process(self, record):
-        query, weight, user, source, line = record
+        query, weight, user, source, line, *label = record
         try:
             key, reason = check_query(query, self.max_chars, self.template)
         except Exception as err:  # noqa: BLE001 - a query the checks cannot handle is a dead letter
@@ -42,11 +42,11 @@ class _Normalize(beam.DoFn):
         if reason:
             yield beam.pvalue.TaggedOutput(REJECTED, rejection(source, line, reason, query))
         else:
-            yield key, weight, user
+            yield key, weight, user, *label
 
 
 class NormalizeQueries(beam.PTransform):
-    """``records | NormalizeQueries(512)`` -> ``(keys, rejected)``.
+    """``records | NormalizeQueries(512)`` -> ``(keys, rejected)``; keys are ``(key, weight, user[, label])``.
 
     Rejects queries with control characters, longer than ``max_chars`` (dropped, never truncated),
     empty once normalised, or (fill-mask, with ``template``) without a mask position.

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import CompressedFile, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 
+from transforms.progress import Ticker
 from transforms.records import LogFields, parse_stream, printable_path, rejection
 
 log = logging.getLogger(__name__)
@@ -15,14 +17,16 @@ REJECTED, LINES = "rejected", "lines"
 
 
 class _ParseFile(beam.DoFn):
-    """Parse one file, named by its path as bytes (a local file name need not be valid UTF-8)."""
-
     def __init__(self, fields: LogFields):
         self.fields = fields
+        self.lines_read = Metrics.counter("querycache", "lines_read")
+        self.bytes_read = Metrics.counter("querycache", "bytes_read")
 
     def process(self, path: bytes):
+        """``path`` is bytes: a local file name need not be valid UTF-8, and bytes cross every coder."""
         source = path.decode("utf-8", "surrogateescape")
-        lines = 0
+        lines = position = 0
+        ticker = Ticker(log, "read")
         try:
             stream = FileSystems.open(source, compression_type=CompressionTypes.AUTO)
         except Exception as err:  # noqa: BLE001 - gone or unreadable since it matched: one dead letter
@@ -30,14 +34,30 @@ class _ParseFile(beam.DoFn):
             yield beam.pvalue.TaggedOutput(REJECTED, rejection(source, 1, "unreadable_file", repr(err)))
         if stream is not None:
             with stream:
+                raw = not isinstance(stream, CompressedFile)  # a compressed file counts its bytes when done
                 for item in parse_stream(source, stream, self.fields):
                     lines += 1
+                    if lines % 4096 == 0:
+                        now = stream.tell() if raw else 0
+                        ticker.add(done=now - position, items=4096)
+                        position = now
                     if isinstance(item, dict):
                         yield beam.pvalue.TaggedOutput(REJECTED, item)
                     else:
                         yield item
-        log.info("read %d lines from %s", lines, printable_path(source))
+        size = _size(source)
+        ticker.add(done=size - position, items=lines % 4096)
+        ticker.flush(logging.INFO, "read %d lines from %s", lines, printable_path(source))
+        self.lines_read.inc(lines)
+        self.bytes_read.inc(size)
         yield beam.pvalue.TaggedOutput(LINES, lines)
+
+
+def _size(path: str) -> int:
+    try:
+        return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+    except Exception:  # noqa: BLE001 - progress only: a file that cannot be stat'ed again counts 0 bytes
+        return 0
 
 
 UNMATCHED = "querycache: no readable file matches --logs"

@@ -1,7 +1,8 @@
 """Parse query-log records from files: plain text, JSONL, CSV, TSV and Parquet. No Beam here.
 
-A parsed line is either a record ``(query, weight, user, source, line)`` or a rejection
-``{"source", "line", "reason", "excerpt"}``; every line read yields exactly one of them.
+A parsed line is either a record ``(query, weight, user, source, line)`` (with ``label`` appended
+when ``LogFields.label`` names a field) or a rejection ``{"source", "line", "reason", "excerpt"}``;
+every line read yields exactly one of them.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class LogFields:
     time: str | None = None
     since: dt.datetime | None = None
     until: dt.datetime | None = None
+    label: str | None = None  # finetune --task classify: the field holding each record's class
 
 
 def format_of(path: str, requested: str = "auto") -> str:
@@ -79,8 +81,8 @@ class _Reject(Exception):
         self.reason = reason
 
 
-def _record(row: dict, fields: LogFields) -> tuple[str, int, str | None]:
-    """Pull (query, weight, user) out of a mapping, or raise _Reject."""
+def _record(row: dict, fields: LogFields) -> tuple:
+    """Pull (query, weight, user[, label]) out of a mapping, or raise _Reject."""
     if fields.query not in row or row[fields.query] is None:
         raise _Reject("missing_query")
     query = row[fields.query]
@@ -109,6 +111,11 @@ def _record(row: dict, fields: LogFields) -> tuple[str, int, str | None]:
             raise _Reject("bad_timestamp") from None
         if (fields.since and stamp < fields.since) or (fields.until and stamp >= fields.until):
             raise _Reject("outside_time_window")
+    if fields.label:
+        label = row.get(fields.label)
+        if label is None or isinstance(label, bool | dict | list) or str(label).strip() == "":
+            raise _Reject("missing_label")
+        return query, weight, user, str(label).strip()
     return query, weight, user
 
 
@@ -171,20 +178,22 @@ def _parse(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record
             continue
         try:
             if fmt == "text":
-                query, weight, user = text, 1, None
+                if fields.label:
+                    raise _Reject("missing_label")
+                values = text, 1, None
             elif not text.strip():
                 raise _Reject("blank_line")
             elif fmt == "jsonl":
-                query, weight, user = _record(_json_object(text), fields)
+                values = _record(_json_object(text), fields)
             else:
-                query, weight, user = _record(_csv_row(text, header, "\t" if fmt == "tsv" else ","), fields)
+                values = _record(_csv_row(text, header, "\t" if fmt == "tsv" else ","), fields)
         except _Reject as rej:
             yield rejection(source, number, rej.reason, raw)
             continue
         except Exception as err:  # noqa: BLE001 - whatever else a line does, it is one dead letter
             yield rejection(source, number, "unprocessable", f"{type(err).__name__}: {raw[:EXCERPT_CHARS]!r}")
             continue
-        yield query, weight, user, source, number
+        yield *values[:3], source, number, *values[3:]
 
 
 def _json_object(text: str) -> dict:
@@ -220,11 +229,11 @@ def _parse_parquet(source: str, stream: IO[bytes], fields: LogFields) -> Iterato
         for row in batch.to_pylist():
             number += 1
             try:
-                query, weight, user = _record(row, fields)
+                values = _record(row, fields)
             except _Reject as rej:
                 yield rejection(source, number, rej.reason, repr(row))
                 continue
-            yield query, weight, user, source, number
+            yield *values[:3], source, number, *values[3:]
 
 
 def columns_of(source: str, stream: IO[bytes], fields: LogFields) -> list[str] | None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton
 
 from store.keys import key_bytes
 from transforms.privacy import pii_reason
+from transforms.progress import tick
 from transforms.selection import Selection, plan_head
 
 DROPPED, TIED = "dropped", "tied"
@@ -32,6 +34,22 @@ class _Screen(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DROPPED, reason)
         else:
             yield row
+
+
+class ScreenPrivacy(beam.PTransform):
+    """``counts | ScreenPrivacy(min_users=5)`` -> ``(eligible, dropped)``: the privacy filters of a build.
+
+    A ``(key, count, users, ...)`` row is dropped when its key looks personal (PII scrub) or, with
+    ``min_users``, fewer distinct users issued it; ``dropped`` holds one reason per dropped row.
+    """
+
+    def __init__(self, min_users: int | None = None, scrub_pii: bool = True):
+        super().__init__()
+        self.min_users, self.scrub_pii = min_users, scrub_pii
+
+    def expand(self, counts):
+        screened = counts | beam.ParDo(_Screen(self.min_users, self.scrub_pii)).with_outputs(DROPPED, main="eligible")
+        return screened.eligible, screened[DROPPED]
 
 
 class SmallestKeys(beam.CombineFn):
@@ -78,7 +96,9 @@ def _plan_and_report(histogram: dict, total_traffic: int, selection: Selection) 
         sum(histogram.values()),
         plan["threshold"],
         100 * plan["head_traffic"] / total_traffic if total_traffic else 0.0,
+        extra=tick("infer", total=plan["head_size"]),
     )
+    Metrics.gauge("querycache", "head_size").set(plan["head_size"])
     return plan
 
 
@@ -94,10 +114,7 @@ class SelectHead(beam.PTransform):
         self.selection, self.min_users, self.scrub_pii = selection, min_users, scrub_pii
 
     def expand(self, counts):
-        screened = counts | "Privacy" >> beam.ParDo(_Screen(self.min_users, self.scrub_pii)).with_outputs(
-            DROPPED, main="eligible"
-        )
-        eligible = screened.eligible
+        eligible, dropped = counts | "Privacy" >> ScreenPrivacy(self.min_users, self.scrub_pii)
         total = counts | "Traffic" >> beam.Map(lambda row: row[1]) | "SumTraffic" >> beam.CombineGlobally(sum)
         plan = (
             eligible
@@ -118,4 +135,4 @@ class SelectHead(beam.PTransform):
             | "Head" >> beam.Flatten()
             | "Rank" >> beam.Map(lambda row, plan: (*row, plan["ranks"][row[1]]), plan=AsSingleton(plan))
         )
-        return head, plan, screened[DROPPED]
+        return head, plan, dropped

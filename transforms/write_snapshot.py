@@ -24,12 +24,14 @@ import apache_beam as beam
 import lmdb
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 
 from store import fs
 from store.format import EMBED_DTYPES, MANIFEST, lmdb_shard_path, shard_of
 from store.keys import key_bytes
 from store.remote import SnapshotRef
 from store.writer import complete_manifest, write_shard
+from transforms.progress import tick
 
 log = logging.getLogger(__name__)
 ATTEMPTS = "attempts"
@@ -134,7 +136,9 @@ class WriteSnapshot(beam.PTransform):
             info = write_shard(os.path.join(tmp, "out"), index, shards, rows, self.schema, checksums=False)
             del rows
             files = {rel: upload(os.path.join(tmp, "out", rel), fs.join(attempt, rel)) for rel in info["files"]}
-        log.info("wrote shard %d of %d: %d rows", index + 1, shards, info["rows"])
+        Metrics.counter("querycache", "rows_written").inc(info["rows"])
+        progress = tick("write", done=1, total=shards, items=info["rows"])
+        log.info("wrote shard %d of %d: %d rows", index + 1, shards, info["rows"], extra=progress)
         return ShardWrite(index, attempt, info["rows"], files)
 
 

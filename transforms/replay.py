@@ -1,0 +1,204 @@
+"""The composite transforms of a replay: a snapshot's keys joined with held-out counts, placed by rank.
+
+    stored = p | ReadSnapshotKeys(["s3://b/qc/snapshots/<id>/parquet/part-00000-of-00001.parquet"])
+    heldout, placed = (counts, stored) | JoinSnapshot()
+    buckets = placed | PlaceByRank(boundaries=[1, 2, 3, 5, 10, 20000])
+
+Rows that cross modules are the NamedTuples below. A snapshot's rows are ordered as the build
+ordered its head: by rank (competition ranks: equal counts share one), ties by smallest UTF-8 key
+bytes. Only the rank groups that straddle a boundary are sorted; every other row's bucket follows
+from its rank and the size of its rank group.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam.io.parquetio import ReadAllFromParquet
+from apache_beam.pvalue import AsSingleton
+
+from store.keys import key_bytes
+from transforms.select_head import SmallestKeys
+from transforms.selection import Selection, plan_head
+
+STORED, CUT, TIED = "stored", "cut", "tied"
+
+
+class HeldOut(NamedTuple):
+    """One distinct held-out query: its key, weighted count, distinct users (or None) and whether it hits."""
+
+    key: str
+    count: int
+    users: int | None
+    hit: bool
+
+
+class Stored(NamedTuple):
+    """One snapshot row with the traffic its key got in the held-out logs (0 when absent)."""
+
+    key: str
+    rank: int
+    count: int
+
+
+class ReadSnapshotKeys(beam.PTransform):
+    """``p | ReadSnapshotKeys(parquet_paths)`` -> ``(key, rank)`` of every snapshot row, on any Beam filesystem."""
+
+    def __init__(self, paths: list[str]):
+        super().__init__()
+        self.paths = paths
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Files" >> beam.Create(self.paths)
+            | "Read" >> ReadAllFromParquet(columns=["key", "rank"])
+            | "KeyRank" >> beam.Map(lambda row: (row["key"], row["rank"]))
+        )
+
+
+def _join(key: str, grouped: dict):
+    counts, ranks = list(grouped["heldout"]), list(grouped["stored"])
+    count, users = counts[0] if counts else (0, None)
+    if counts:
+        yield HeldOut(key, count, users, bool(ranks))
+    for rank in ranks:
+        yield beam.pvalue.TaggedOutput(STORED, Stored(key, rank, count))
+
+
+class JoinSnapshot(beam.PTransform):
+    """``(counts, stored) | JoinSnapshot()`` -> ``(heldout, stored)``: HeldOut and Stored rows.
+
+    ``counts`` holds ``(key, count, users)`` of the held-out logs; ``stored`` holds ``(key, rank)``.
+    """
+
+    def expand(self, pcolls):
+        counts, stored = pcolls
+        joined = (
+            {
+                "heldout": counts | "ByKey" >> beam.Map(lambda row: (row[0], (row[1], row[2]))),
+                "stored": stored,
+            }
+            | "CoGroup" >> beam.CoGroupByKey()
+            | "Join" >> beam.FlatMapTuple(_join).with_outputs(STORED, main="heldout")
+        )
+        return joined.heldout, joined[STORED]
+
+
+class Histogram(beam.PTransform):
+    """``rows | Histogram(lambda row: row.count)`` -> one dict ``{value: rows with that value}``."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def expand(self, rows):
+        return (
+            rows
+            | "Values" >> beam.Map(self.value)
+            | "PerValue" >> beam.combiners.Count.PerElement()
+            | "ToDict" >> beam.combiners.ToDict()
+        )
+
+
+def _bucket(boundaries: list[int], position: int) -> int:
+    """The smallest boundary at or after ``position`` (the last one past the end)."""
+    return boundaries[min(bisect.bisect_left(boundaries, position), len(boundaries) - 1)]
+
+
+def _place(row: Stored, groups: dict, boundaries: list[int]):
+    end = row.rank + groups[row.rank] - 1  # the group's positions are rank .. end
+    inside = bisect.bisect_left(boundaries, row.rank)
+    if inside < len(boundaries) and boundaries[inside] < end:  # a boundary cuts the group: sort it
+        yield beam.pvalue.TaggedOutput(CUT, (row.rank, (key_bytes(row.key), row.count)))
+    else:
+        yield _bucket(boundaries, end), row.count
+
+
+def _place_sorted(group: tuple[int, list], boundaries: list[int]):
+    rank, rows = group
+    for i, (_, count) in enumerate(sorted(rows)):
+        yield _bucket(boundaries, rank + i), count
+
+
+class PlaceByRank(beam.PTransform):
+    """``stored | PlaceByRank(boundaries)`` -> ``(boundary, held-out count)`` for every snapshot row.
+
+    A row's boundary is the smallest one at or after its position in the build's order, so the
+    held-out traffic of the snapshot's first N rows is the sum over boundaries up to N (N a boundary).
+    """
+
+    def __init__(self, boundaries: list[int]):
+        super().__init__()
+        self.boundaries = sorted(boundaries)
+
+    def expand(self, stored):
+        groups = stored | "GroupSizes" >> Histogram(lambda row: row.rank)
+        placed = stored | "Place" >> beam.FlatMap(
+            _place, groups=AsSingleton(groups), boundaries=self.boundaries
+        ).with_outputs(CUT, main="placed")
+        in_cut_groups = (
+            placed[CUT]
+            | "CutGroups" >> beam.GroupByKey()
+            | "SortByKey" >> beam.FlatMap(_place_sorted, boundaries=self.boundaries)
+        )
+        return (placed.placed, in_cut_groups) | "Placed" >> beam.Flatten()
+
+
+TOPS = {"heldout_top_1pct": lambda n: math.ceil(n / 100), "heldout_top_1000": lambda n: min(n, 1000)}
+"""The held-out tops whose misses measure drift: a size for each, from the number of eligible queries."""
+
+
+def top_plans(histogram: dict[int, int]) -> dict[str, dict]:
+    """For each of TOPS, the head plan of the held-out logs' own top N (threshold and tie quota)."""
+    eligible = sum(histogram.values())
+    return {name: plan_head(histogram, 0, Selection("top_k", size(eligible))) for name, size in TOPS.items()}
+
+
+def _in_tops(row: HeldOut, plans: dict):
+    for name, plan in plans.items():
+        threshold, quota = plan["threshold"], plan["take_at_threshold"]
+        if threshold is None or row.count < threshold:
+            continue
+        if row.count > threshold or quota is None:
+            if not row.hit:
+                yield name
+        else:
+            yield beam.pvalue.TaggedOutput(TIED, (name, (quota, row)))
+
+
+class MissedInTops(beam.PTransform):
+    """``(eligible, histogram) | MissedInTops()`` -> one name of TOPS per top held-out query the snapshot misses.
+
+    Ties at a top's threshold go to the smallest key bytes, as in a build's ``--top-k``.
+    """
+
+    def expand(self, pcolls):
+        eligible, histogram = pcolls
+        plans = histogram | "Plans" >> beam.Map(top_plans)
+        split = eligible | "Tops" >> beam.FlatMap(_in_tops, plans=AsSingleton(plans)).with_outputs(TIED, main="above")
+        tied = (
+            split[TIED]
+            | "SmallestKeys" >> beam.CombinePerKey(SmallestKeys())
+            | "TiedMisses" >> beam.FlatMapTuple(lambda name, rows: [name for row in rows if not row.hit])
+        )
+        return (split.above, tied) | "Missed" >> beam.Flatten()
+
+
+class TopMisses(beam.PTransform):
+    """``eligible | TopMisses(20)`` -> one list of the most frequent misses, ``{"key", "count"}``, ties by key."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def expand(self, eligible):
+        return (
+            eligible
+            | "Misses" >> beam.Filter(lambda row: not row.hit)
+            | "Top" >> beam.combiners.Top.Of(self.n, key=lambda row: (-row.count, key_bytes(row.key)), reverse=True)
+            | "AsDicts" >> beam.Map(lambda rows: [{"key": row.key, "count": row.count} for row in rows])
+        )
