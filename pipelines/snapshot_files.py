@@ -15,9 +15,8 @@ from typing import NamedTuple
 
 from apache_beam.io.filesystems import FileSystems
 
-from store.format import MANIFEST, SnapshotError, check_manifest, parquet_shard_path
+from store.format import MANIFEST, SnapshotError, check_manifest, check_snapshot_id, parquet_shard_path
 from store.publish import CURRENT, SNAPSHOTS
-from store.remote import check_id
 
 
 class SnapshotFiles(NamedTuple):
@@ -47,7 +46,7 @@ def locate_snapshot(path: str) -> SnapshotFiles:
         current = FileSystems.join(path, CURRENT)
         if not _exists(current):
             raise SnapshotError(f"{path} is neither a snapshot directory nor a root with a {CURRENT} file")
-        directory = FileSystems.join(path, SNAPSHOTS, check_id(_read_text(current).strip(), current))
+        directory = FileSystems.join(path, SNAPSHOTS, check_snapshot_id(_read_text(current).strip(), current))
     try:
         manifest = json.loads(_read_text(FileSystems.join(directory, MANIFEST)))
     except Exception as err:
