@@ -45,8 +45,9 @@ def new_staging(root: str | os.PathLike, snapshot_id: str) -> Path:
     return staging
 
 
-def _unlock(staging: Path) -> None:
-    (staging / LOCK).unlink(missing_ok=True)
+def _unlock(staging: Path, directory: Path | None = None) -> None:
+    """Drop the build's lock on ``staging`` (whose files now live in ``directory`` after a rename)."""
+    ((directory or staging) / LOCK).unlink(missing_ok=True)
     fd = _held_locks.pop(str(staging), None)
     if fd is not None:
         os.close(fd)
@@ -170,10 +171,10 @@ def publish(root: str | os.PathLike, staging: str | os.PathLike, expected: str |
             f"another build published {now} to {root} while this one ran; CURRENT still names {now}, and "
             "this build published nothing"
         )
-    _unlock(staging)
     _fsync_tree(staging)
     final = root / SNAPSHOTS / snapshot_id
-    os.rename(staging, final)
+    os.rename(staging, final)  # the lock moves with it: a build killed before here leaves a locked-then-free staging
+    _unlock(staging, final)
     _fsync_dir(final.parent)
     point_current(root, snapshot_id)
     return snapshot_id

@@ -68,7 +68,7 @@ def test_finalize_leaves_its_side_inputs_as_it_found_them(tmp_path):
              "inference": {"queries": 2, "seconds": 0.5}}  # fmt: skip
     plan = {"total_traffic": 3, "head_size": 2, "head_traffic": 3, "selection": {"mode": "min_count", "value": 1},
             "threshold": 1, "take_at_threshold": None}  # fmt: skip
-    manifest = {"snapshot_id": "x", "files": {}}
+    manifest = {"snapshot_id": "x", "files": {}, "model": {"dtype": "fp32", "device": "cpu"}}
     seen = copy.deepcopy((stats, plan, manifest))
     for _ in range(2):  # a runner that caches side inputs hands the same objects to a retried bundle
         _finalize(str(tmp_path), manifest, [], [], stats, plan)
