@@ -66,9 +66,17 @@ def _is_current(path: str, snapshot_id: str) -> bool | None:
 @click.command()
 @click.argument("path", type=click.Path())
 @click.argument("queries", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help='One JSON object per query: {"query", "key", "hit", "result"}.')
-def lookup(path: str, queries: tuple[str, ...], as_json: bool) -> None:
+@click.option(
+    "--json/--text",
+    "as_json",
+    default=None,
+    help='One JSON object per query: {"query", "key", "hit", "result"} (the default when stdout is not a terminal),'
+    " or a line per query for people (the default on a terminal).",
+)
+def lookup(path: str, queries: tuple[str, ...], as_json: bool | None) -> None:
     """Look queries up: hit or miss, the key each normalised to, and a compact result.
+
+    On a terminal each query gets a line for people; piped, each gets the JSON object scripts read.
 
     \b
     Example:
@@ -81,6 +89,8 @@ def lookup(path: str, queries: tuple[str, ...], as_json: bool) -> None:
         snap = Snapshot.open(path)
     except SnapshotError as err:
         raise UserError(str(err)) from None
+    if as_json is None:
+        as_json = not sys.stdout.isatty()
     with snap:
         for query in queries:
             result = snap.get(query)

@@ -119,13 +119,15 @@ def test_lookup_prints_a_line_per_query_and_full_json_on_request(builds):
     root = builds["root"]
     query = builds["records"][0]["query"].upper()
     vector = Snapshot.open(root).get(query)
-    lines = invoke("lookup", root, query, "no such query").stdout.splitlines()
+    lines = invoke("lookup", root, query, "no such query", "--text").stdout.splitlines()
     assert lines[0].startswith(f'hit   "{query}" -> {normalize(query)}  32-d, norm {np.linalg.norm(vector):.3f}, [')
     assert f"{vector[0]:.4f}" in lines[0] and len(lines[0]) < 200
     assert lines[1] == 'miss  "no such query" -> no such query'
     rows = [json.loads(line) for line in invoke("lookup", root, query, "no such query", "--json").stdout.splitlines()]
     assert [list(r) for r in rows] == [["query", "key", "hit", "result"]] * 2
     assert np.allclose(rows[0]["result"], vector) and rows[1]["result"] is None and not rows[1]["hit"]
+    piped = invoke("lookup", root, query).stdout  # not a terminal: the JSON lines scripts read, as in DESIGN.md
+    assert json.loads(piped.splitlines()[0])["key"] == normalize(query)
 
 
 def test_verify_rollback_and_gc_json_keep_their_keys(builds, tmp_path):
