@@ -39,12 +39,12 @@ from transforms.read_logs import UNMATCHED, ReadQueryLogs
 from transforms.records import LogFields
 from transforms.select_head import SelectHead
 from transforms.selection import Selection
-from transforms.stats import BY_VALUE, COUNT, MERGE, SUM, GatherStats
+from transforms.stats import BY_VALUE, COUNT, ITEMS, MERGE, SUM, GatherStats
 from transforms.write_snapshot import WriteDeadLetters, WriteSnapshot, commit, shards_for
 
 log = logging.getLogger(__name__)
 STATISTICS = {
-    "lines_read": SUM, "accepted": COUNT, "distinct_queries": COUNT, "rows": COUNT, "reused": COUNT,
+    "lines_read": SUM, "accepted": ITEMS, "distinct_queries": COUNT, "rows": COUNT, "reused": COUNT,
     "rejected_by_reason": BY_VALUE, "dropped_for_privacy": BY_VALUE, "unanswered": BY_VALUE, "inference": MERGE,
 }  # fmt: skip
 

@@ -30,11 +30,11 @@ from transforms.read_logs import ReadQueryLogs
 from transforms.records import LogFields
 from transforms.select_head import SelectHead
 from transforms.selection import Selection
-from transforms.stats import BY_VALUE, COUNT, SUM, GatherStats
+from transforms.stats import BY_VALUE, COUNT, ITEMS, SUM, GatherStats
 
 log = logging.getLogger(__name__)
 STATISTICS = {
-    "lines_read": SUM, "accepted": COUNT, "distinct_queries": COUNT, "examples": COUNT,
+    "lines_read": SUM, "accepted": ITEMS, "distinct_queries": COUNT, "examples": COUNT,
     "rejected_by_reason": BY_VALUE, "dropped_for_privacy": BY_VALUE,
 }  # fmt: skip
 DATA_DIR = ".finetune-data"
@@ -69,7 +69,7 @@ class LabelHead(beam.PTransform):
     def expand(self, head):
         labels = (
             self.keys
-            | "KeyLabel" >> beam.Map(lambda r: ((r[0], r[3]), r[1]))
+            | "KeyLabel" >> beam.FlatMap(lambda batch: [((r[0], r[3]), r[1]) for r in batch])
             | "SumLabels" >> beam.CombinePerKey(sum)
             | "ByKey" >> beam.MapTuple(lambda kl, weight: (kl[0], (-weight, kl[1])))
             | "TopLabel" >> beam.CombinePerKey(min)
@@ -87,7 +87,7 @@ def prepare_pipeline(p: beam.Pipeline, options: FinetuneOptions, data_dir: str) 
     records, unreadable, lines = p | "ReadQueryLogs" >> ReadQueryLogs(list(options.logs), options.fields)
     keys, invalid = records | "NormalizeQueries" >> NormalizeQueries(options.max_query_chars)
     users = options.fields.user is not None
-    counts = keys | "Unlabel" >> beam.Map(lambda r: r[:3]) | "CountQueries" >> CountQueries(users)
+    counts = keys | "CountQueries" >> CountQueries(users)
     head, _plan, dropped = counts | "SelectHead" >> SelectHead(options.selection, options.min_users, options.scrub_pii)
     if labelled:
         examples = head | "LabelHead" >> LabelHead(keys)

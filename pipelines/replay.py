@@ -44,10 +44,10 @@ from transforms.replay import (
 )
 from transforms.select_head import ScreenPrivacy
 from transforms.selection import Selection, plan_head
-from transforms.stats import BY_VALUE, COUNT, MERGE, SUM, GatherStats
+from transforms.stats import BY_VALUE, ITEMS, MERGE, SUM, GatherStats
 
 STATISTICS = {
-    "lines_read": SUM, "accepted": COUNT, "rejected_by_reason": BY_VALUE, "totals": MERGE,
+    "lines_read": SUM, "accepted": ITEMS, "rejected_by_reason": BY_VALUE, "totals": MERGE,
     "dropped_for_privacy": BY_VALUE, "histogram": MERGE, "bucket_traffic": MERGE, "bucket_absent": MERGE,
     "missed_in_tops": BY_VALUE,
 }  # fmt: skip

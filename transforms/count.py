@@ -1,22 +1,70 @@
-"""CountQueries: (key, weight, user) -> (key, count, users) with weighted counts and distinct users."""
+"""CountQueries: batches of (key, weight, user) -> (key, count, users) with weighted counts and distinct users."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _hashed(user: str) -> bytes:
+    return hashlib.blake2b(user.encode("utf-8"), digest_size=8).digest()
+
+
+class _PartialCounts(beam.DoFn):
+    """Per bundle, one ``(key, count)`` or ``(key, (count, user hashes))`` per key seen in it.
+
+    Summing on the worker before the shuffle turns a million log lines into one element per distinct
+    key; the table is flushed whenever it holds ``FLUSH`` keys, so memory stays bounded. A retried
+    bundle starts from an empty table, so nothing is counted twice.
+    """
+
+    FLUSH = 1 << 17
+
+    def __init__(self, users: bool):
+        self.users = users
+
+    def start_bundle(self):
+        self._table: dict = {}
+
+    def process(self, keys: list):
+        table = self._table
+        if self.users:
+            for key, weight, user, *_ in keys:
+                acc = table.get(key)
+                if acc is None:
+                    acc = table[key] = [0, set()]
+                acc[0] += weight
+                acc[1].add(_hashed(user))
+        else:
+            for key, weight, *_ in keys:
+                table[key] = table.get(key, 0) + weight
+        if len(table) >= self.FLUSH:
+            yield from self._drain()
+
+    def finish_bundle(self):
+        for item in self._drain():
+            yield WindowedValue(item, MIN_TIMESTAMP, [GlobalWindow()])
+
+    def _drain(self):
+        table, self._table = self._table, {}
+        return ((key, tuple(acc)) for key, acc in table.items()) if self.users else iter(table.items())
 
 
 class _CountAndUsers(beam.CombineFn):
-    """Sum of weights and the set of (hashed) users of one key; lifted, so partial sums merge."""
+    """Partial ``(count, user hashes)`` of one key merged: the sum and the number of distinct users."""
 
     def create_accumulator(self):
         return [0, set()]
 
     def add_input(self, acc, value):
         acc[0] += value[0]
-        if value[1] is not None:
-            acc[1].add(value[1])
+        acc[1] |= value[1]
         return acc
 
     def merge_accumulators(self, accs):
@@ -31,17 +79,13 @@ class _CountAndUsers(beam.CombineFn):
         return acc[0], len(acc[1])
 
 
-def _weight_and_user(record):
-    key, weight, user = record
-    return key, (weight, user and hashlib.blake2b(user.encode("utf-8"), digest_size=8).digest())
-
-
 class CountQueries(beam.PTransform):
     """Sum weights per key and, with ``users=True``, count distinct users per key.
 
-    One keyed combine: workers pre-aggregate, then each key's partial counts and user sets meet on
-    the worker that owns the key, so no worker sees all (key, user) pairs. Users are hashed
-    (64-bit BLAKE2b) first. Without users, the third field is None.
+    Input: batches (lists) of ``(key, weight, user, ...)``. Each worker sums its batches per key,
+    then each key's partial counts and user sets meet on the worker that owns the key, so no worker
+    sees all (key, user) pairs. Users are hashed (64-bit BLAKE2b) first. Without users, the third
+    field of the output is None.
     """
 
     def __init__(self, users: bool = False):
@@ -49,16 +93,15 @@ class CountQueries(beam.PTransform):
         self.users = users
 
     def expand(self, keys):
+        partial = keys | "SumPerBundle" >> beam.ParDo(_PartialCounts(self.users))
         if not self.users:
             return (
-                keys
-                | "Weights" >> beam.Map(lambda r: (r[0], r[1]))
+                partial
                 | "Sum" >> beam.CombinePerKey(sum)
                 | "NoUsers" >> beam.MapTuple(lambda key, count: (key, count, None))
             )
         return (
-            keys
-            | "WeightsAndUsers" >> beam.Map(_weight_and_user)
+            partial
             | "CountAndUsers" >> beam.CombinePerKey(_CountAndUsers())
             | "Flatten" >> beam.MapTuple(lambda key, cu: (key, *cu))
         )

@@ -29,24 +29,41 @@ def check_query(query: str, max_chars: int, template: str | None = None) -> tupl
 
 
 class _Normalize(beam.DoFn):
+    CACHE = 1 << 17  # distinct queries remembered per worker: a log repeats its head queries endlessly
+
     def __init__(self, max_chars: int, template: str | None):
         self.max_chars, self.template = max_chars, template
 
-    def process(self, record):
-        query, weight, user, source, line, *label = record
-        try:
-            key, reason = check_query(query, self.max_chars, self.template)
-        except Exception as err:  # noqa: BLE001 - a query the checks cannot handle is a dead letter
-            key, reason = None, "unprocessable"
-            query = f"{type(err).__name__}: {query[:200]!r}"
-        if reason:
-            yield beam.pvalue.TaggedOutput(REJECTED, rejection(source, line, reason, query))
-        else:
-            yield key, weight, user, *label
+    def setup(self):
+        self._checked: dict[str, tuple[str | None, str | None]] = {}
+
+    def process(self, records: list):
+        keys = []
+        for query, weight, user, source, line, *label in records:
+            checked = self._checked.get(query)
+            if checked is None:
+                try:
+                    checked = check_query(query, self.max_chars, self.template)
+                except Exception as err:  # noqa: BLE001 - a query the checks cannot handle is a dead letter
+                    excerpt = f"{type(err).__name__}: {query[:200]!r}"
+                    yield beam.pvalue.TaggedOutput(REJECTED, rejection(source, line, "unprocessable", excerpt))
+                    continue
+                if len(self._checked) >= self.CACHE:
+                    self._checked.clear()
+                self._checked[query] = checked
+            key, reason = checked
+            if reason:
+                yield beam.pvalue.TaggedOutput(REJECTED, rejection(source, line, reason, query))
+            else:
+                keys.append((key, weight, user, *label))
+        if keys:
+            yield keys
 
 
 class NormalizeQueries(beam.PTransform):
-    """``records | NormalizeQueries(512)`` -> ``(keys, rejected)``; keys are ``(key, weight, user[, label])``.
+    """``records | NormalizeQueries(512)`` -> ``(keys, rejected)``, batch for batch.
+
+    ``keys`` holds lists of ``(key, weight, user[, label])``; ``rejected`` holds dead-letter dicts.
 
     Rejects queries with control characters, longer than ``max_chars`` (dropped, never truncated),
     empty once normalised, or (fill-mask, with ``template``) without a mask position.

@@ -14,6 +14,7 @@ from transforms.records import LogFields, parse_stream, printable_path, rejectio
 
 log = logging.getLogger(__name__)
 REJECTED, LINES = "rejected", "lines"
+BATCH = 4096  # records per element: per-element costs of a runner are paid per batch, not per line
 
 
 class _ParseFile(beam.DoFn):
@@ -35,18 +36,24 @@ class _ParseFile(beam.DoFn):
         if stream is not None:
             with stream:
                 raw = not isinstance(stream, CompressedFile)  # a compressed file counts its bytes when done
+                batch = []
                 for item in parse_stream(source, stream, self.fields):
                     lines += 1
-                    if lines % 4096 == 0:
+                    if lines % BATCH == 0:
                         now = stream.tell() if raw else 0
-                        ticker.add(done=now - position, items=4096)
+                        ticker.add(done=now - position, items=BATCH)
                         position = now
                     if isinstance(item, dict):
                         yield beam.pvalue.TaggedOutput(REJECTED, item)
                     else:
-                        yield item
+                        batch.append(item)
+                        if len(batch) == BATCH:
+                            yield batch
+                            batch = []
+                if batch:
+                    yield batch
         size = _size(source)
-        ticker.add(done=size - position, items=lines % 4096)
+        ticker.add(done=size - position, items=lines % BATCH)
         ticker.flush(logging.INFO, "read %d lines from %s", lines, printable_path(source))
         self.lines_read.inc(lines)
         self.bytes_read.inc(size)
@@ -76,8 +83,9 @@ class ReadQueryLogs(beam.PTransform):
 
         records, rejected, lines = p | ReadQueryLogs(["logs/*.jsonl.gz"], LogFields(query="q"))
 
-    ``records`` holds ``(query, weight, user, source, line)``; ``rejected`` holds dead-letter dicts;
-    ``lines`` holds one line count per file. Compression is detected from the file extension.
+    ``records`` holds batches (lists of up to ``BATCH``) of ``(query, weight, user, source, line)``;
+    ``rejected`` holds dead-letter dicts; ``lines`` holds one line count per file. Compression is
+    detected from the file extension.
     """
 
     def __init__(self, patterns: list[str], fields: LogFields):

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
+import orjson
+
 FORMATS = ("text", "jsonl", "csv", "tsv", "parquet")
 _EXTENSIONS = {
     ".txt": "text",
@@ -81,14 +83,18 @@ class _Reject(Exception):
         self.reason = reason
 
 
-def _record(row: dict, fields: LogFields) -> tuple:
-    """Pull (query, weight, user[, label]) out of a mapping, or raise _Reject."""
-    if fields.query not in row or row[fields.query] is None:
+def _record(row: dict, fields: LogFields, utf8: bool = False) -> tuple:
+    """Pull (query, weight, user[, label]) out of a mapping, or raise _Reject.
+
+    ``utf8``: the strings of ``row`` are known to be valid UTF-8 (orjson, Arrow and bytes decoded
+    as UTF-8 guarantee it; Python's ``json`` does not), so the lone-surrogate checks are skipped.
+    """
+    query = row.get(fields.query)
+    if query is None:
         raise _Reject("missing_query")
-    query = row[fields.query]
-    if not isinstance(query, str):
+    if type(query) is not str:
         raise _Reject("query_not_string")
-    if not _encodable(query):
+    if not utf8 and not _encodable(query):
         raise _Reject("invalid_unicode")
     weight = 1
     if fields.count:
@@ -99,10 +105,11 @@ def _record(row: dict, fields: LogFields) -> tuple:
     user = None
     if fields.user:
         user = row.get(fields.user)
-        if user is None or str(user).strip() == "":
+        if type(user) is not str:
+            user = None if user is None else str(user)
+        if user is None or not user or user.isspace():
             raise _Reject("missing_user")
-        user = str(user)
-        if not _encodable(user):
+        if not utf8 and not _encodable(user):
             raise _Reject("invalid_unicode")
     if fields.time:
         try:
@@ -171,13 +178,17 @@ def _parse(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record
             header = _cells(raw.decode("utf-8", "replace"), "\t" if fmt == "tsv" else ",") or []
             continue
         number += 1
+        row = _fast_json(raw) if fmt == "jsonl" else None
+        if row is None:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield rejection(source, number, "invalid_utf8", raw)
+                continue
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            yield rejection(source, number, "invalid_utf8", raw)
-            continue
-        try:
-            if fmt == "text":
+            if row is not None:
+                values = _record(row, fields, utf8=True)
+            elif fmt == "text":
                 if fields.label:
                     raise _Reject("missing_label")
                 values = text, 1, None
@@ -186,7 +197,7 @@ def _parse(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record
             elif fmt == "jsonl":
                 values = _record(_json_object(text), fields)
             else:
-                values = _record(_csv_row(text, header, "\t" if fmt == "tsv" else ","), fields)
+                values = _record(_csv_row(text, header, "\t" if fmt == "tsv" else ","), fields, utf8=True)
         except _Reject as rej:
             yield rejection(source, number, rej.reason, raw)
             continue
@@ -194,6 +205,19 @@ def _parse(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record
             yield rejection(source, number, "unprocessable", f"{type(err).__name__}: {raw[:EXCERPT_CHARS]!r}")
             continue
         yield *values[:3], source, number, *values[3:]
+
+
+def _fast_json(raw: bytes) -> dict | None:
+    """The object on a JSONL line as orjson (5x faster) parses it; None leaves the line to ``json``.
+
+    orjson refuses some lines ``json`` reads (NaN, integers beyond 64 bits, lone surrogates) and all
+    malformed ones: those take the ``json`` path, which classifies them exactly as before.
+    """
+    try:
+        row = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return row if type(row) is dict else None
 
 
 def _json_object(text: str) -> dict:
@@ -229,7 +253,7 @@ def _parse_parquet(source: str, stream: IO[bytes], fields: LogFields) -> Iterato
         for row in batch.to_pylist():
             number += 1
             try:
-                values = _record(row, fields)
+                values = _record(row, fields, utf8=True)
             except _Reject as rej:
                 yield rejection(source, number, rej.reason, repr(row))
                 continue

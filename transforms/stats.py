@@ -14,9 +14,10 @@ def sum_dicts(dicts) -> dict:
     return total
 
 
-COUNT, SUM, BY_VALUE, MERGE = "count", "sum", "by_value", "merge"
+COUNT, ITEMS, SUM, BY_VALUE, MERGE = "count", "items", "sum", "by_value", "merge"
 _REDUCERS = {
     COUNT: lambda: beam.combiners.Count.Globally(),
+    ITEMS: lambda: beam.Map(len) | beam.CombineGlobally(sum),
     SUM: lambda: beam.CombineGlobally(sum),
     BY_VALUE: lambda: beam.combiners.Count.PerElement() | beam.combiners.ToDict(),
     MERGE: lambda: beam.CombineGlobally(sum_dicts),
@@ -26,8 +27,8 @@ _REDUCERS = {
 class GatherStats(beam.PTransform):
     """``{"accepted": records, ...} | GatherStats({"accepted": COUNT, ...})`` -> ``{"accepted": 12, ...}``.
 
-    Each named input is reduced to one value: a count of elements, a sum, a {value: count} dict,
-    or a merge of dicts by summing. Empty inputs give 0 or {}.
+    Each named input is reduced to one value: a count of elements, a count of the items in
+    batched elements, a sum, a {value: count} dict, or a merge of dicts by summing. Empty inputs give 0 or {}.
     """
 
     def __init__(self, how: dict[str, str]):
