@@ -64,8 +64,10 @@ def key_bytes(key: str) -> bytes:
 
 def query_key(query: str) -> bytes:
     """``key_bytes(normalize(query))``, with the ASCII fast path inlined for the lookup hot path."""
-    if query.isascii() and query.isprintable():
-        raw = " ".join(query.lower().split()).encode()
+    if query.isascii() and query.isprintable():  # so " " is its only whitespace
+        raw = query.lower().encode()
+        if b"  " in raw or raw.strip() is not raw:  # bytes.strip returns the object itself when nothing goes
+            raw = b" ".join(raw.split())
         return raw if len(raw) <= MAX_KEY_BYTES else key_bytes(raw.decode())
     return key_bytes(normalize(query))
 
@@ -75,7 +77,8 @@ def query_keys(queries: Sequence[str]) -> list[bytes]:
     if not queries:
         return []
     text = "\n".join(queries)
-    if text.isascii() and all(map(str.isprintable, queries)):  # so "\n" separates queries, " " is all the space
+    # printable ASCII once the separators are blanked, and no separator inside a query: " " is all the space
+    if text.isascii() and text.count("\n") == len(queries) - 1 and text.replace("\n", " ").isprintable():
         text = text.lower()
         if "  " in text or " \n" in text or "\n " in text or text[:1] == " " or text[-1:] == " ":
             raws = list(map(str.encode, map(" ".join, map(str.split, text.split("\n")))))

@@ -11,7 +11,6 @@ keeps one long-lived read transaction, so a lookup does no setup. After ``os.for
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import weakref
@@ -87,11 +86,8 @@ class Snapshot:
         self._schema = manifest["result"]
         embed_dtype = EMBED_DTYPES.get(self._schema["encoding"])  # hot path: skip decode_value's dispatch
         self._dtype = np.dtype(embed_dtype) if embed_dtype else None
-        self._decode = (
-            functools.partial(np.frombuffer, dtype=self._dtype)
-            if embed_dtype
-            else functools.partial(decode_value, schema=self._schema)
-        )
+        # decode(value, how), both positional: np.frombuffer(value, dtype) or decode_value(value, schema)
+        self._decode, self._how = (np.frombuffer, self._dtype) if embed_dtype else (decode_value, self._schema)
         self._shards = manifest["lmdb"]["shards"]
         self._paths = [os.path.realpath(directory / lmdb_shard_path(i, self._shards)) for i in range(self._shards)]
         self._closed = False
@@ -139,7 +135,7 @@ class Snapshot:
     def get_key(self, key: str) -> Any:
         """Result for an already normalised ``key``, or None (embeddings: read-only numpy arrays)."""
         raw = self.get_raw(key)
-        return None if raw is None else self._decode(raw)
+        return None if raw is None else self._decode(raw, self._how)
 
     def get(self, query: str) -> Any:
         """Result for ``query`` (normalised here with the snapshot's key function), or None."""
@@ -148,8 +144,8 @@ class Snapshot:
             txns = self._local.txns
         except AttributeError:
             txns = self._txns()
-        value = txns[shard_of(raw, self._shards) if self._shards > 1 else 0].get(raw)
-        return None if value is None else self._decode(value)
+        value = txns[0 if self._shards == 1 else shard_of(raw, self._shards)].get(raw)
+        return None if value is None else self._decode(value, self._how)
 
     def get_many(self, queries: Iterable[str]) -> list[Any]:
         """Results for several queries in order, None where absent; faster than a loop of :meth:`get`.
@@ -159,13 +155,13 @@ class Snapshot:
         """
         raws = query_keys(list(queries))
         if self._dtype is None:  # JSON results: decode one by one
-            return [None if v is None else self._decode(v) for v in self._lookup(raws, self._txns())]
+            return [None if v is None else decode_value(v, self._schema) for v in self._lookup(raws, self._txns())]
         try:
             views = self._local.views
         except AttributeError:  # buffers=True: values are views into the map, copied once by the join
             views = self._local.views = [env.begin(buffers=True) for env in self._txns_envs()]
         values = self._lookup(raws, views)
-        found = [v for v in values if v is not None] if values.count(None) else values
+        found = [v for v in values if v is not None]  # not values.count(None): == on a memoryview is slow
         if not found:
             return [None] * len(values)
         block = list(np.frombuffer(b"".join(found), self._dtype).reshape(len(found), -1))
