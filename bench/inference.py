@@ -114,11 +114,32 @@ def bench_beam_stage(queries: list[str], engine: Engine) -> float:
     return len(queries) / timed(run)
 
 
-def matmul_peak(dtype: torch.dtype) -> float:
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    a @ b
-    runs = 10
-    return runs * 2 * 2048**3 / timed(lambda: [a @ b for _ in range(runs)])
+def matmul_peak(dtype: torch.dtype, shapes=((2048, 2048, 2048), (4096, 384, 1536), (4096, 1536, 384))) -> float:
+    """Best matmul FLOP/s on every core: one matmul on all threads, or one single-threaded matmul per core
+    (as the engine's streams run), at a square shape and at the encoder's FFN shapes; best of 3 runs each.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = torch.get_num_threads()
+    best = 0.0
+    try:
+        for m, k, n in shapes:
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            flops = 2 * m * k * n
+            for width in (threads, 1):  # all threads on one matmul; one thread per matmul, `threads` at once
+                torch.set_num_threads(width)
+                lanes = threads // width
+                with ThreadPoolExecutor(lanes) as pool:
+
+                    def run(runs: int = 5) -> None:
+                        list(pool.map(lambda _: [a @ b for _ in range(runs)], range(lanes)))
+
+                    run(1)
+                    for _ in range(3):
+                        best = max(best, 5 * lanes * flops / timed(run))
+    finally:
+        torch.set_num_threads(threads)
+    return best
 
 
 def flops_per_query(engine: Engine, queries: list[str]) -> float:
