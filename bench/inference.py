@@ -120,23 +120,21 @@ def matmul_peak(dtype: torch.dtype, shapes=((2048, 2048, 2048), (4096, 384, 1536
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    def run(pool, lanes: int, a: torch.Tensor, b: torch.Tensor, runs: int = 5) -> None:
+        list(pool.map(lambda _: [a @ b for _ in range(runs)], range(lanes)))
+
     threads = torch.get_num_threads()
     best = 0.0
     try:
         for m, k, n in shapes:
             a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-            flops = 2 * m * k * n
             for width in (threads, 1):  # all threads on one matmul; one thread per matmul, `threads` at once
                 torch.set_num_threads(width)
                 lanes = threads // width
                 with ThreadPoolExecutor(lanes) as pool:
-
-                    def run(runs: int = 5) -> None:
-                        list(pool.map(lambda _: [a @ b for _ in range(runs)], range(lanes)))
-
-                    run(1)
+                    run(pool, lanes, a, b, 1)
                     for _ in range(3):
-                        best = max(best, 5 * lanes * flops / timed(run))
+                        best = max(best, 5 * lanes * 2 * m * k * n / timed(lambda: run(pool, lanes, a, b)))  # noqa: B023
     finally:
         torch.set_num_threads(threads)
     return best
