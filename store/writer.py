@@ -63,8 +63,11 @@ def _map_size(rows: list[Row]) -> int:
     return max(1 << 20, int(need * 1.6) + (1 << 20))
 
 
+CHUNK = 16384  # rows per LMDB write transaction and per Parquet row group: memory stays bounded
+
+
 def _write_lmdb(path: Path, rows: list[Row]) -> None:
-    """One write transaction of sorted keys with ``append=True``; the map grows on demand."""
+    """Sorted keys appended in transactions of ``CHUNK`` rows; the map grows on demand."""
     path.mkdir(parents=True, exist_ok=True)
     map_size = _map_size(rows)
     while True:
@@ -72,9 +75,11 @@ def _write_lmdb(path: Path, rows: list[Row]) -> None:
             str(path), map_size=map_size, subdir=True, lock=False, sync=False, metasync=False, readahead=False
         )
         try:
-            with env.begin(write=True) as txn:
-                pairs = ((key_bytes(r[0]), r[4]) for r in rows)
-                added, _ = txn.cursor().putmulti(pairs, dupdata=False, overwrite=True, append=True)
+            added = 0
+            for start in range(0, len(rows), CHUNK):
+                with env.begin(write=True) as txn:
+                    pairs = ((key_bytes(r[0]), r[4]) for r in rows[start : start + CHUNK])
+                    added += txn.cursor().putmulti(pairs, dupdata=False, overwrite=True, append=True)[0]
             if added != len(rows):
                 raise ValueError(f"{path}: duplicate keys in shard ({len(rows) - added} not added)")
             env.sync(True)
@@ -88,7 +93,16 @@ def _write_lmdb(path: Path, rows: list[Row]) -> None:
 
 
 def _write_parquet(path: Path, rows: list[Row], schema: dict) -> None:
+    """Row groups of ``CHUNK`` rows, each converted and written before the next is built."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    table = _parquet_table(rows[:CHUNK], schema)
+    with pq.ParquetWriter(path, table.schema, compression="zstd") as out:
+        out.write_table(table)
+        for start in range(CHUNK, len(rows), CHUNK):
+            out.write_table(_parquet_table(rows[start : start + CHUNK], schema))
+
+
+def _parquet_table(rows: list[Row], schema: dict) -> pa.Table:
     columns = {
         "key": pa.array([r[0] for r in rows], pa.string()),
         "count": pa.array([r[1] for r in rows], pa.int64()),
@@ -107,7 +121,7 @@ def _write_parquet(path: Path, rows: list[Row], schema: dict) -> None:
     else:
         prediction = pa.struct([("token", pa.string()), ("score", pa.float32())])
         columns["predictions"] = pa.array([decode_value(r[4], schema) for r in rows], pa.list_(pa.list_(prediction)))
-    pq.write_table(pa.table(columns), path, compression="zstd")
+    return pa.table(columns)
 
 
 def complete_manifest(manifest: dict, shards: list[dict], extra_files: dict | None = None) -> dict:

@@ -182,19 +182,26 @@ def test_build_to_s3_pulls_to_the_same_snapshot_reuses_and_takes_a_model_from_s3
 
 
 def test_a_shard_written_twice_commits_one_correct_shard(tmp_path, s3):
+    from apache_beam.io.filesystems import FileSystems
+
     from store import remote
     from store.format import new_manifest
-    from transforms.write_snapshot import WriteSnapshot, commit
+    from transforms.write_snapshot import WriteSnapshot, commit, spill_record
 
     use_s3(s3["options"])
     directory = f"{s3['bucket']}/twice/snapshots/s1"
     rows = [(f"key {i}", i + 1, None, i + 1, np.full(4, i, np.float32).tobytes()) for i in range(50)]
+    spills = [f"{directory}/spill/00000-{part}.rows" for part in ("a", "b")]  # two bundles' spill files
+    for path, part in zip(spills, (rows[:20], rows[20:])):
+        with FileSystems.create(path) as out:
+            out.write(b"".join(map(spill_record, part)))
     writer = WriteSnapshot(directory, None, SCHEMA)
-    writes = [writer._write(0, list(rows), 1), writer._write(0, list(reversed(rows)), 1)]  # a retried bundle
+    writes = [writer._write(0, spills, 1), writer._write(0, [None, *reversed(spills)], 1)]  # a retried shard write
     assert writes[0].attempt != writes[1].attempt and writes[0].files == writes[1].files
     manifest = commit(directory, new_manifest("s1", "embed", SCHEMA, {"fingerprint": "f" * 64}, stats={}), writes, {})
     assert remote.check_files(directory, remote.read_manifest(directory), checksums=True) == []
     assert manifest["rows"] == 50 and not store_fs.list_dir(f"{directory}/attempts")
+    assert not store_fs.list_dir(f"{directory}/spill")
     assert sorted(rel for rel, _ in store_fs.walk_files(directory)) == sorted([*manifest["files"], "manifest.json"])
 
 

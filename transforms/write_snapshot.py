@@ -1,10 +1,13 @@
 """WriteSnapshot, WriteDeadLetters and CommitSnapshot: shard writes that survive retries, manifest last.
 
 Every write goes through Beam's ``FileSystems``, so the snapshot directory may be local or on any
-object store. A shard is built in a local temp directory, hashed while it is uploaded to a path unique
-to the attempt (``attempts/<shard>-<uuid>/``), and reported as a :class:`ShardWrite`. CommitSnapshot
-keeps one attempt per shard, moves its files into place, deletes every other attempt and writes
-``manifest.json`` last: a bundle that runs twice, or a worker that dies half-way, leaves no mark.
+object store. Rows never cross the shuffle: each bundle streams its rows, as compact records, into
+one spill file per shard (``spill/<shard>-<uuid>.rows``) and only the file names are grouped by
+shard. A shard is then built in a local temp directory from its spill files, hashed while it is
+uploaded to a path unique to the attempt (``attempts/<shard>-<uuid>/``), and reported as a
+:class:`ShardWrite`. CommitSnapshot keeps one attempt per shard, moves its files into place, deletes
+every other attempt and the spill files, and writes ``manifest.json`` last: a bundle that runs twice,
+or a worker that dies half-way, leaves no mark.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import logging
 import math
 import os
+import struct
 import tempfile
 import uuid
 import zlib
@@ -25,6 +29,9 @@ import lmdb
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 from store import fs
 from store.format import EMBED_DTYPES, MANIFEST, lmdb_shard_path, shard_of
@@ -34,7 +41,7 @@ from store.writer import complete_manifest, write_shard
 from transforms.progress import tick
 
 log = logging.getLogger(__name__)
-ATTEMPTS = "attempts"
+ATTEMPTS, SPILL = "attempts", "spill"
 SHARD_TARGET_BYTES = 128 << 20  # --shards auto: LMDB values of about 128 MiB per shard
 RAW = CompressionTypes.UNCOMPRESSED
 
@@ -104,12 +111,63 @@ def _fill_reused(rows: list, previous: SnapshotRef, tmp: str) -> None:
             env.close()
 
 
+_HEAD = struct.Struct("<IqqqI")  # key bytes, count, users (-1: None), rank, value bytes (NO_VALUE: reused)
+NO_VALUE = 0xFFFFFFFF
+
+
+def spill_record(row: tuple) -> bytes:
+    """One row ``(key, count, users, rank, value)`` as a compact record (value None: reused)."""
+    key, count, users, rank, value = row
+    key = key.encode("utf-8")
+    size = NO_VALUE if value is None else len(value)
+    return _HEAD.pack(len(key), count, -1 if users is None else users, rank, size) + key + (value or b"")
+
+
+def read_spill(stream) -> list[tuple]:
+    """The rows of one spill file, in the order they were written."""
+    rows = []
+    while head := stream.read(_HEAD.size):
+        if len(head) < _HEAD.size:
+            raise OSError("spill file ends inside a record")
+        key_size, count, users, rank, size = _HEAD.unpack(head)
+        key = stream.read(key_size).decode("utf-8")
+        value = None if size == NO_VALUE else stream.read(size)
+        rows.append((key, count, None if users < 0 else users, rank, value))
+    return rows
+
+
+class _SpillRows(beam.DoFn):
+    """Stream each row to its shard's spill file for this bundle; emit ``(shard, spill path)`` at the end."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def start_bundle(self):
+        self._files: dict[int, tuple[str, object]] = {}
+
+    def process(self, row, shards: int):
+        shard = shard_of(key_bytes(row[0]), shards)
+        entry = self._files.get(shard)
+        if entry is None:
+            path = fs.join(self.directory, SPILL, f"{shard:05d}-{uuid.uuid4().hex}.rows")
+            entry = self._files[shard] = (path, FileSystems.create(path, "application/octet-stream", RAW))
+        entry[1].write(spill_record(row))
+
+    def finish_bundle(self):
+        files, self._files = self._files, {}
+        for shard, (path, stream) in sorted(files.items()):
+            stream.close()
+            yield WindowedValue((shard, path), MIN_TIMESTAMP, [GlobalWindow()])
+
+
 class WriteSnapshot(beam.PTransform):
     """``rows | WriteSnapshot(directory, shard_count, schema, previous)`` -> one :class:`ShardWrite` per shard.
 
     ``shard_count`` is a singleton PCollection (the count depends on the head). Rows go to shards by a
     stable hash of the key (``store.format.shard_of``); every shard is written, even an empty one. A
-    row whose value is None was reused: its value is read here from ``previous``'s LMDB shard.
+    row whose value is None was reused: its value is read here from ``previous``'s LMDB shard. Rows
+    travel as spill files, so the shuffle carries file names only and a worker holds one copy of the
+    rows of the shard it writes.
     """
 
     def __init__(self, directory: str, shard_count, schema: dict, previous: SnapshotRef | None = None):
@@ -118,17 +176,20 @@ class WriteSnapshot(beam.PTransform):
 
     def expand(self, rows):
         count = beam.pvalue.AsSingleton(self.shard_count)
+        spilled = rows | "SpillRows" >> beam.ParDo(_SpillRows(self.directory), count)
         every = self.shard_count | "EveryShard" >> beam.FlatMap(lambda n: [(i, None) for i in range(n)])
-        keyed = rows | "ByShard" >> beam.Map(lambda row, n: (shard_of(key_bytes(row[0]), n), row), count)
         return (
-            (keyed, every)
+            (spilled, every)
             | "AllShards" >> beam.Flatten()
             | "GroupShards" >> beam.GroupByKey()
             | "WriteShards" >> beam.Map(lambda grouped, n: self._write(*grouped, n), count)
         )
 
-    def _write(self, index: int, grouped, shards: int) -> ShardWrite:
-        rows = [r for r in grouped if r is not None]
+    def _write(self, index: int, spills, shards: int) -> ShardWrite:
+        rows = []
+        for path in sorted(p for p in spills if p is not None):  # sorted: every attempt writes the same bytes
+            with FileSystems.open(path, compression_type=RAW) as stream:
+                rows += read_spill(stream)
         attempt = fs.join(self.directory, ATTEMPTS, f"{index:05d}-{uuid.uuid4().hex}")
         with tempfile.TemporaryDirectory(prefix="querycache-shard-") as tmp:
             if self.previous is not None:
@@ -187,9 +248,9 @@ def commit(directory: str, manifest: dict, writes: list[ShardWrite], extra_files
         os.makedirs(target, exist_ok=True)
     if moves:
         FileSystems.rename([s for s, _ in moves], [t for _, t in moves])
-    attempts = fs.join(directory, ATTEMPTS)
-    with contextlib.suppress(BeamIOError):  # nothing left to delete
-        FileSystems.delete([attempts + ("/" if fs.is_remote(attempts) else "")])
+    for scratch in (fs.join(directory, ATTEMPTS), fs.join(directory, SPILL)):
+        with contextlib.suppress(BeamIOError):  # nothing left to delete
+            FileSystems.delete([scratch + ("/" if fs.is_remote(scratch) else "")])
     shards = [{"index": w.index, "rows": w.rows, "files": w.files} for w in chosen.values()]
     manifest = complete_manifest(manifest, shards, extra_files)
     with FileSystems.create(fs.join(directory, MANIFEST), "application/json", RAW) as out:
