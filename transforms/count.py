@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 
 import apache_beam as beam
@@ -11,7 +10,6 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _hashed(user: str) -> bytes:
     return hashlib.blake2b(user.encode("utf-8"), digest_size=8).digest()
 
@@ -29,21 +27,29 @@ class _PartialCounts(beam.DoFn):
     def __init__(self, users: bool):
         self.users = users
 
+    def setup(self):
+        self._hashes: dict[str, bytes] = {}  # user -> hash: logs repeat their users
+
     def start_bundle(self):
         self._table: dict = {}
 
     def process(self, keys: list):
-        table = self._table
+        table, hashes = self._table, self._hashes
         if self.users:
-            for key, weight, user, *_ in keys:
-                acc = table.get(key)
+            if len(hashes) >= self.FLUSH:
+                hashes.clear()
+            for record in keys:
+                acc = table.get(record[0])
                 if acc is None:
-                    acc = table[key] = [0, set()]
-                acc[0] += weight
-                acc[1].add(_hashed(user))
+                    acc = table[record[0]] = [0, set()]
+                acc[0] += record[1]
+                user = hashes.get(record[2])
+                if user is None:
+                    user = hashes[record[2]] = _hashed(record[2])
+                acc[1].add(user)
         else:
-            for key, weight, *_ in keys:
-                table[key] = table.get(key, 0) + weight
+            for record in keys:
+                table[record[0]] = table.get(record[0], 0) + record[1]
         if len(table) >= self.FLUSH:
             yield from self._drain()
 

@@ -39,23 +39,26 @@ class _Normalize(beam.DoFn):
 
     def process(self, records: list):
         keys = []
-        for query, weight, user, source, line, *label in records:
+        for record in records:
+            query = record[0]
             checked = self._checked.get(query)
             if checked is None:
                 try:
                     checked = check_query(query, self.max_chars, self.template)
                 except Exception as err:  # noqa: BLE001 - a query the checks cannot handle is a dead letter
                     excerpt = f"{type(err).__name__}: {query[:200]!r}"
-                    yield beam.pvalue.TaggedOutput(REJECTED, rejection(source, line, "unprocessable", excerpt))
+                    yield beam.pvalue.TaggedOutput(REJECTED, rejection(*record[3:5], "unprocessable", excerpt))
                     continue
                 if len(self._checked) >= self.CACHE:
                     self._checked.clear()
                 self._checked[query] = checked
             key, reason = checked
             if reason:
-                yield beam.pvalue.TaggedOutput(REJECTED, rejection(source, line, reason, query))
-            else:
-                keys.append((key, weight, user, *label))
+                yield beam.pvalue.TaggedOutput(REJECTED, rejection(*record[3:5], reason, query))
+            elif len(record) == 5:  # (query, weight, user, source, line) -> (key, weight, user)
+                keys.append((key, record[1], record[2]))
+            else:  # a label follows the line number
+                keys.append((key, record[1], record[2], *record[5:]))
         if keys:
             yield keys
 
