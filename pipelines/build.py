@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import resource
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from transforms.write_snapshot import WriteDeadLetters, WriteSnapshot, commit, s
 
 log = logging.getLogger(__name__)
 STATISTICS = {
-    "lines_read": SUM, "accepted": ITEMS, "distinct_queries": COUNT, "rows": COUNT, "reused": COUNT,
+    "lines_read": SUM, "accepted": ITEMS, "distinct_queries": COUNT, "reused": COUNT,
     "rejected_by_reason": BY_VALUE, "dropped_for_privacy": BY_VALUE, "unanswered": BY_VALUE, "inference": MERGE,
 }  # fmt: skip
 
@@ -85,13 +86,13 @@ def build_pipeline(
     keys, invalid = records | "NormalizeQueries" >> NormalizeQueries(options.max_query_chars, template)
     counts = keys | "CountQueries" >> CountQueries(users=options.fields.user is not None)
     head, plan, dropped = counts | "SelectHead" >> SelectHead(options.selection, options.min_users, options.scrub_pii)
-    rows, reused, inference, unanswered = head | "ReuseOrInfer" >> ReuseOrInfer(model, schema, previous)
+    computed, reused, inference, unanswered = head | "ReuseOrInfer" >> ReuseOrInfer(model, schema, previous)
     shard_count = plan | "ShardCount" >> beam.Map(lambda plan: options.shards or shards_for(plan["head_size"], schema))
-    shards = rows | "WriteSnapshot" >> WriteSnapshot(staging, shard_count, schema, previous)
+    shards = (computed, reused) | "WriteSnapshot" >> WriteSnapshot(staging, shard_count, schema, previous)
     rejected = (unreadable, invalid) | "DeadLetters" >> beam.Flatten()
     dead_files = rejected | "WriteDeadLetters" >> WriteDeadLetters(staging)
     stats = {
-        "lines_read": lines, "accepted": keys, "distinct_queries": counts, "rows": rows, "reused": reused,
+        "lines_read": lines, "accepted": keys, "distinct_queries": counts, "reused": reused,
         "rejected_by_reason": rejected | "Reasons" >> beam.Map(lambda r: r["reason"]),
         "dropped_for_privacy": dropped, "unanswered": unanswered, "inference": inference,
     } | "GatherStats" >> GatherStats(STATISTICS)  # fmt: skip
@@ -104,7 +105,7 @@ def _finalize(staging: str, manifest: dict, shards: list, dead_files: list, stat
     rejected_files = {rel: meta for info in dead_files for rel, meta in info.items()}
     stats = dict(stats)  # a side input is read-only: a runner may hand the same dict to a retried bundle
     inference = stats.pop("inference") or {}
-    rows = stats.pop("rows")
+    rows = sum({w.index: w.rows for w in shards}.values())  # one write per shard counts, as in commit
     stats |= {
         "rejected": sum(stats["rejected_by_reason"].values()),
         "accepted_traffic": plan["total_traffic"],
@@ -308,4 +309,13 @@ def summary(manifest: dict, seconds: float) -> dict:
         "fidelity": manifest.get("fidelity"),
         "model_fingerprint": manifest["model"]["fingerprint"],
         "seconds": round(seconds, 2),
+        "peak_rss_mib": peak_rss_mib(),
     }
+
+
+def peak_rss_mib() -> dict:
+    """Peak resident memory of this process (the driver, and the workers of in-process runners) and of
+    the largest worker process it started and waited for (None when there was none)."""
+    driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"driver": round(driver / 1024), "largest_worker": round(workers / 1024) if workers else None}

@@ -30,7 +30,7 @@ from tests.test_build import PII, make_records, write_log
 BUILD_KEYS = [
     "snapshot_id", "lines_read", "accepted", "rejected", "rejected_by_reason", "distinct_queries", "head_size",
     "traffic_covered", "dropped_for_privacy", "reused", "computed", "inference_queries_per_second", "fidelity",
-    "model_fingerprint", "seconds",
+    "model_fingerprint", "seconds", "peak_rss_mib",
 ]  # fmt: skip
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,6 +71,7 @@ def test_build_json_keeps_its_keys_and_values(builds):
     stats = manifest["stats"]
     assert {k: summary[k] for k in BUILD_KEYS[1:11]} == {k: stats[k] for k in BUILD_KEYS[1:11]}
     assert summary["lines_read"] == summary["accepted"] + summary["rejected"]
+    assert summary["peak_rss_mib"]["driver"] > 50  # Python, torch and Beam at least
     assert (
         summary["fidelity"] == manifest["fidelity"] and summary["model_fingerprint"] == manifest["model"]["fingerprint"]
     )

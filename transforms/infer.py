@@ -182,7 +182,10 @@ class RunBert(beam.DoFn):
 
 
 class ReuseOrInfer(beam.PTransform):
-    """``head | ReuseOrInfer(model, schema, previous)`` -> ``(rows, reused, stats, unanswered)``.
+    """``head | ReuseOrInfer(model, schema, previous)`` -> ``(computed, reused, stats, unanswered)``.
+
+    ``computed`` and ``reused`` are rows ``(key, count, users, rank, value)``, kept apart so that each
+    reaches the writer in the stage that made it (a runner would otherwise buffer their union whole).
 
     With ``previous`` (a snapshot of the same model version) a stored key becomes a row with value None,
     which WriteSnapshot fills from ``previous``; the rest go through :class:`RunBert`.
@@ -201,6 +204,5 @@ class ReuseOrInfer(beam.PTransform):
             | "Spread" >> beam.Reshuffle()
             | "RunBert" >> beam.ParDo(RunBert(self.model, self.schema)).with_outputs(STATS, UNANSWERED, main="rows")
         )
-        rows = (inferred.rows, reused) | "AllResults" >> beam.Flatten()
         stats = inferred[STATS] | "InferenceStats" >> beam.CombineGlobally(sum_dicts)
-        return rows, reused, stats, inferred[UNANSWERED]
+        return inferred.rows, reused, stats, inferred[UNANSWERED]

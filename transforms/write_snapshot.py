@@ -161,7 +161,9 @@ class _SpillRows(beam.DoFn):
 
 
 class WriteSnapshot(beam.PTransform):
-    """``rows | WriteSnapshot(directory, shard_count, schema, previous)`` -> one :class:`ShardWrite` per shard.
+    """``(rows, more) | WriteSnapshot(directory, shard_count, schema, previous)`` -> a :class:`ShardWrite` per shard.
+
+    Takes one PCollection of rows or several (spilled where each is made: no union is buffered).
 
     ``shard_count`` is a singleton PCollection (the count depends on the head). Rows go to shards by a
     stable hash of the key (``store.format.shard_of``); every shard is written, even an empty one. A
@@ -176,10 +178,13 @@ class WriteSnapshot(beam.PTransform):
 
     def expand(self, rows):
         count = beam.pvalue.AsSingleton(self.shard_count)
-        spilled = rows | "SpillRows" >> beam.ParDo(_SpillRows(self.directory), count)
+        parts = rows if isinstance(rows, tuple | list) else [rows]
+        spilled = [
+            part | f"SpillRows{i}" >> beam.ParDo(_SpillRows(self.directory), count) for i, part in enumerate(parts)
+        ]
         every = self.shard_count | "EveryShard" >> beam.FlatMap(lambda n: [(i, None) for i in range(n)])
         return (
-            (spilled, every)
+            (*spilled, every)
             | "AllShards" >> beam.Flatten()
             | "GroupShards" >> beam.GroupByKey()
             | "WriteShards" >> beam.Map(lambda grouped, n: self._write(*grouped, n), count)
