@@ -3,11 +3,12 @@
 Every write goes through Beam's ``FileSystems``, so the snapshot directory may be local or on any
 object store. Rows never cross the shuffle: each bundle streams its rows, as compact records, into
 one spill file per shard (``spill/<shard>-<uuid>.rows``) and only the file names are grouped by
-shard. A shard is then built in a local temp directory from its spill files, hashed while it is
-uploaded to a path unique to the attempt (``attempts/<shard>-<uuid>/``), and reported as a
-:class:`ShardWrite`. CommitSnapshot keeps one attempt per shard, moves its files into place, deletes
-every other attempt and the spill files, and writes ``manifest.json`` last: a bundle that runs twice,
-or a worker that dies half-way, leaves no mark.
+shard. A shard is then built from its spill files in a path unique to the attempt
+(``attempts/<shard>-<uuid>/``: written there and hashed on a local disk, built in a temp directory
+and hashed while it uploads on an object store) and reported as a :class:`ShardWrite`.
+CommitSnapshot keeps one attempt per shard, moves its files into place, deletes every other attempt
+and the spill files, and writes ``manifest.json`` last: a bundle that runs twice, or a worker that
+dies half-way, leaves no mark.
 """
 
 from __future__ import annotations
@@ -196,12 +197,16 @@ class WriteSnapshot(beam.PTransform):
             with FileSystems.open(path, compression_type=RAW) as stream:
                 rows += read_spill(stream)
         attempt = fs.join(self.directory, ATTEMPTS, f"{index:05d}-{uuid.uuid4().hex}")
+        remote = fs.is_remote(attempt)
         with tempfile.TemporaryDirectory(prefix="querycache-shard-") as tmp:
             if self.previous is not None:
                 _fill_reused(rows, self.previous, tmp)
-            info = write_shard(os.path.join(tmp, "out"), index, shards, rows, self.schema, checksums=False)
+            out = os.path.join(tmp, "out") if remote else attempt  # a local attempt is written in place
+            info = write_shard(out, index, shards, rows, self.schema, checksums=not remote)
             del rows
-            files = {rel: upload(os.path.join(tmp, "out", rel), fs.join(attempt, rel)) for rel in info["files"]}
+            files = info["files"]
+            if remote:
+                files = {rel: upload(os.path.join(out, rel), fs.join(attempt, rel)) for rel in files}
         Metrics.counter("querycache", "rows_written").inc(info["rows"])
         progress = tick("write", done=1, total=shards, items=info["rows"])
         log.info("wrote shard %d of %d: %d rows", index + 1, shards, info["rows"], extra=progress)
