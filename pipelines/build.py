@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import resource
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -314,8 +315,14 @@ def summary(manifest: dict, seconds: float) -> dict:
 
 
 def peak_rss_mib() -> dict:
-    """Peak resident memory of this process (the driver, and the workers of in-process runners) and of
-    the largest worker process it started and waited for (None when there was none)."""
-    driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"driver": round(driver / 1024), "largest_worker": round(workers / 1024) if workers else None}
+    """Peak resident memory of this process: the driver, and the workers of in-process runners.
+
+    ``VmHWM`` counts this program only; ``ru_maxrss`` would include what a parent process held when
+    it started this one.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):  # not Linux
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == "darwin" else 1)
+    return {"driver": round(kib / 1024)}

@@ -208,7 +208,7 @@ def gc_(root: str, keep: int, as_json: bool) -> None:
     for snapshot_id in deleted:
         click.echo(f"deleted {snapshot_id}")
     if not deleted:
-        click.echo(f"nothing to delete: {keep} or fewer snapshots")
+        click.echo(f"no snapshot to delete: {keep} or fewer")
 
 
 @click.command("pull")

@@ -61,9 +61,7 @@ def build_summary(summary: dict, manifest: dict | None = None) -> str:
         ("model", " ".join(x for x in (summary["model_fingerprint"][:12], _model_words(model)) if x)),
     ]
     if summary.get("peak_rss_mib"):
-        rss = summary["peak_rss_mib"]
-        workers = f", largest worker {rss['largest_worker']:,} MiB" if rss["largest_worker"] else ""
-        facts.append(("peak memory", f"driver {rss['driver']:,} MiB{workers}"))
+        facts.append(("peak memory", f"{summary['peak_rss_mib']['driver']:,} MiB in this process"))
     head = f"Published snapshot {summary['snapshot_id']} in {human.seconds(summary['seconds'])}"
     return head + "\n" + _indent(human.fields(facts))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import logging
 import os
 import secrets
 import shutil
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from store import fs, remote
 from store.format import MANIFEST, SnapshotError, check_snapshot_id, read_manifest
+
+log = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
 SNAPSHOTS = "snapshots"
@@ -246,6 +249,7 @@ def gc(root: str | os.PathLike, keep: int) -> list[str]:
     for staging in (root / SNAPSHOTS).glob(f"{STAGING_PREFIX}*"):
         if _abandoned(staging):
             shutil.rmtree(staging, ignore_errors=True)
+            log.info("removed %s, left by a build that died", staging.name)
     for tmp in root.glob(f".{CURRENT}.*"):
         if _abandoned_current_tmp(tmp):
             tmp.unlink(missing_ok=True)

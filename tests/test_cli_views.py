@@ -137,7 +137,7 @@ def test_verify_rollback_and_gc_json_keep_their_keys(builds, tmp_path):
     assert list(json.loads(invoke("verify", root, "--json").stdout)) == ["snapshot", "ok", "problems"]
     assert list(json.loads(invoke("rollback", root, "--json").stdout)) == ["current"]
     assert list(json.loads(invoke("gc", root, "--keep", "1", "--json").stdout)) == ["deleted"]
-    assert invoke("gc", root, "--keep", "1").stdout == "nothing to delete: 1 or fewer snapshots\n"
+    assert invoke("gc", root, "--keep", "1").stdout == "no snapshot to delete: 1 or fewer\n"
 
 
 def test_progress_display_counts_what_the_build_did(tiny_bert, tmp_path, caplog):
