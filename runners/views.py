@@ -119,6 +119,8 @@ def snapshot_table(snapshots: Iterable[dict]) -> str:
 def lookup_line(query: str, key: str, result: Any) -> str:
     """``querycache lookup``: ``hit  "Hotels in ROME" -> hotels in rome  384-d, norm 1.000, [0.0123, …]``."""
     quoted = json.dumps(query, ensure_ascii=False)
+    if not key:
+        return f"miss  {quoted} -> empty key, not a query"
     if result is None:
         return f"miss  {quoted} -> {key}"
     return f"hit   {quoted} -> {key}  {compact(result)}"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from store.format import SnapshotError
-from store.keys import normalize
+from store.keys import normalize_all, not_text
 from store.publish import CURRENT, current_id
 from store.snapshot import Snapshot
 
@@ -65,6 +65,7 @@ class ReadThroughCache:
                 "hits",
                 "lru_hits",
                 "misses",
+                "invalid",
                 "fallback_calls",
                 "fallback_queries",
                 "fallback_errors",
@@ -86,13 +87,19 @@ class ReadThroughCache:
     # -- lookups -------------------------------------------------------------------------------
     def get(self, query: str) -> Any:
         """Result for one query: from the snapshot, the LRU, or the fallback (None without one)."""
+        if not isinstance(query, str):
+            raise not_text(query)
         return self.get_many([query])[0]
 
     def get_many(self, queries: Sequence[str]) -> list[Any]:
-        """Results for several queries; all misses go to the fallback in one call."""
+        """Results for several queries; all misses go to the fallback in one call.
+
+        A query whose key is empty (``""``, whitespace) is None, counted as ``invalid``, never sent to
+        the fallback. Anything but a list of ``str`` is a ``TypeError``.
+        """
         start = time.perf_counter()
         self._maybe_reload()
-        keys = [normalize(q) for q in queries]
+        keys = normalize_all(queries)
         snap, usable = self._lease()
         try:
             found = [snap.get_key(k) for k in keys] if usable else [None] * len(keys)
@@ -104,6 +111,8 @@ class ReadThroughCache:
             for i, (key, value) in enumerate(zip(keys, found)):
                 if value is not None:
                     self._counts["hits"] += 1
+                elif not key:  # not a query (store.keys.is_query): no answer exists, none is computed
+                    self._counts["invalid"] += 1
                 elif key in self._lru:
                     self._lru.move_to_end(key)
                     value = self._lru[key]
@@ -232,7 +241,11 @@ class ReadThroughCache:
 
     # -- introspection -------------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
-        """Counters and state as a flat dict, ready for a metrics library."""
+        """Counters and state as a flat dict, ready for a metrics library.
+
+        ``lookups`` (and ``hit_rate``) count queries: ``hits + lru_hits + misses``; ``invalid`` counts
+        the lookups of text whose key is empty, apart.
+        """
         snap = self._snapshot
         lookups = self._counts["hits"] + self._counts["lru_hits"] + self._counts["misses"]
         return {

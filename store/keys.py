@@ -12,7 +12,10 @@ Rules, applied in order (version 1):
    (category Cf: zero-width spaces and joiners, bidi marks) are removed.
 4. Runs of whitespace collapse to one ASCII space; leading and trailing whitespace is trimmed.
 
-The function is total on ``str`` and idempotent. Keys are stored as UTF-8 bytes; a key longer
+The function is total on ``str`` and idempotent; anything else is a ``TypeError``. A query whose key
+is empty (``""``, spaces, controls, zero-width or format characters, lone surrogates) is not a query
+(:func:`is_query`): the build rejects it as ``empty_query`` and readers answer it as a miss without a
+lookup, never asking a model. Keys are stored as UTF-8 bytes; a key longer
 than LMDB's 511-byte limit is stored as ``b"\\x00" + sha256(utf8)``, which no normalised key can
 start with (NUL is a control character).
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 KEY_FUNCTION = {"name": "nfkc-casefold-collapse", "version": 1}
 """Name and version of :func:`normalize`, recorded in every manifest."""
@@ -40,8 +43,21 @@ def _one_pass(text: str) -> str:
     return " ".join("".join(kept).split())
 
 
+def is_query(key: str | bytes) -> bool:
+    """Whether a normalised key (or its stored bytes) names a query: the empty key names none."""
+    return len(key) > 0
+
+
+def not_text(value: object, name: str = "query") -> TypeError:
+    """The error for a lookup given something other than ``str``, naming the argument and the fix."""
+    fix = "; decode it first" if isinstance(value, bytes | bytearray | memoryview) else ""
+    return TypeError(f"{name} must be str, not {type(value).__name__}{fix}")
+
+
 def normalize(query: str) -> str:
     """Return the cache key of ``query`` (see the module docstring for the rules)."""
+    if not isinstance(query, str):
+        raise not_text(query)
     if query.isascii():  # fast path, same result: NFKC is the identity on ASCII and has no Cf
         if not query.isprintable():
             query = query.translate(_ASCII_CONTROLS)
@@ -58,13 +74,20 @@ def normalize(query: str) -> str:
 
 def key_bytes(key: str) -> bytes:
     """Encode a normalised key as it is stored in LMDB."""
-    raw = key.encode()
+    try:
+        raw = key.encode()
+    except AttributeError:
+        raise not_text(key, "key") from None
     return raw if len(raw) <= MAX_KEY_BYTES else b"\x00" + hashlib.sha256(raw).digest()
 
 
 def query_key(query: str) -> bytes:
     """``key_bytes(normalize(query))``, with the ASCII fast path inlined for the lookup hot path."""
-    if query.isascii() and query.isprintable():  # so " " is its only whitespace
+    try:
+        printable = query.isascii() and query.isprintable()  # so " " is its only whitespace
+    except AttributeError:  # not a str (bytes has isascii but no isprintable)
+        raise not_text(query) from None
+    if printable:
         raw = query.lower().encode()
         if b"  " in raw or raw.strip() is not raw:  # bytes.strip returns the object itself when nothing goes
             raw = b" ".join(raw.split())
@@ -72,11 +95,35 @@ def query_key(query: str) -> bytes:
     return key_bytes(normalize(query))
 
 
+def query_list(queries: Iterable[str]) -> list[str]:
+    """``list(queries)`` for a batch lookup, refusing one ``str`` (which would be read as its characters)."""
+    if isinstance(queries, str | bytes):
+        raise TypeError(f"queries must be a list of str, not one {type(queries).__name__}; for one query use get")
+    return list(queries)
+
+
+def normalize_all(queries: Iterable[str]) -> list[str]:
+    """``[normalize(q) for q in queries]``, naming the first item that is not a ``str``."""
+    queries = query_list(queries)
+    try:
+        return list(map(normalize, queries))
+    except TypeError:
+        raise _first_not_text(queries) from None
+
+
+def _first_not_text(queries: Sequence[object]) -> TypeError:
+    i, bad = next((i, q) for i, q in enumerate(queries) if not isinstance(q, str))
+    return not_text(bad, f"queries[{i}]")
+
+
 def query_keys(queries: Sequence[str]) -> list[bytes]:
     """``[query_key(q) for q in queries]``; a batch of printable ASCII queries is folded in one pass."""
     if not queries:
         return []
-    text = "\n".join(queries)
+    try:
+        text = "\n".join(queries)
+    except TypeError:
+        raise _first_not_text(queries) from None
     # printable ASCII once the separators are blanked, and no separator inside a query: " " is all the space
     if text.isascii() and text.count("\n") == len(queries) - 1 and text.replace("\n", " ").isprintable():
         text = text.lower()

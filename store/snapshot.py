@@ -31,7 +31,7 @@ from store.format import (
     read_manifest,
     shard_of,
 )
-from store.keys import key_bytes, normalize, query_key, query_keys
+from store.keys import key_bytes, normalize, query_key, query_keys, query_list
 from store.publish import resolve
 
 _envs: dict[str, list] = {}  # real path -> [environment, users]
@@ -124,8 +124,10 @@ class Snapshot:
         return self._local.txns
 
     def get_raw(self, key: str) -> bytes | None:
-        """Encoded value stored for a normalised ``key``, or None."""
+        """Encoded value stored for a normalised ``key``, or None (always for the empty key)."""
         raw = key_bytes(key)
+        if not raw:  # not a query (store.keys.is_query), and LMDB refuses empty keys
+            return None
         try:
             txns = self._local.txns
         except AttributeError:
@@ -140,6 +142,8 @@ class Snapshot:
     def get(self, query: str) -> Any:
         """Result for ``query`` (normalised here with the snapshot's key function), or None."""
         raw = query_key(query)  # one frame per step on the hot path: key, transaction, get, decode
+        if not raw:  # not a query (store.keys.is_query), and LMDB refuses empty keys
+            return None
         try:
             txns = self._local.txns
         except AttributeError:
@@ -153,7 +157,7 @@ class Snapshot:
         Keys are folded in one pass, looked up without a copy each, and embeddings decoded as one
         block: the arrays returned are read-only rows of one buffer.
         """
-        raws = query_keys(list(queries))
+        raws = query_keys(query_list(queries))
         if self._dtype is None:  # JSON results: decode one by one
             return [None if v is None else decode_value(v, self._schema) for v in self._lookup(raws, self._txns())]
         try:
@@ -175,9 +179,10 @@ class Snapshot:
         return self._envs
 
     def _lookup(self, raws: list[bytes], txns: list[lmdb.Transaction]) -> list:
-        if self._shards == 1:
+        if self._shards == 1 and b"" not in raws:
             return list(map(txns[0].get, raws))
-        return [txns[shard_of(raw, self._shards)].get(raw) for raw in raws]
+        # empty keys are not queries (store.keys.is_query), and LMDB refuses them
+        return [txns[shard_of(raw, self._shards)].get(raw) if raw else None for raw in raws]
 
     def __contains__(self, query: str) -> bool:
         return self.get_raw(normalize(query)) is not None

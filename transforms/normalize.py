@@ -7,7 +7,7 @@ import re
 import apache_beam as beam
 
 from inference.template import has_mask
-from store.keys import normalize
+from store.keys import is_query, normalize
 from transforms.records import rejection
 
 REJECTED = "rejected"
@@ -21,7 +21,7 @@ def check_query(query: str, max_chars: int, template: str | None = None) -> tupl
     if len(query) > max_chars:
         return None, "too_long"
     key = normalize(query)
-    if not key:
+    if not is_query(key):
         return None, "empty_query"
     if template is not None and not has_mask(template, key):
         return None, "no_mask"
