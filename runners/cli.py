@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from runners import finetune, manage, replay, views
-from runners.common import UserError, echo_json, print_version, setup_logging
+from runners.common import GLOB_HINT, UserError, echo_json, passed_on, print_version, setup_logging
 from runners.inputs import check_inputs, head_selection, input_options, log_fields
 from runners.progress import progress_display
 from store import SnapshotError
@@ -101,7 +101,7 @@ def main() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="Only warnings and errors on stderr.")
-@click.argument("beam_options", nargs=-1, type=click.UNPROCESSED)
+@passed_on("beam_options", to="Beam", hint=GLOB_HINT)
 def build(**kw: Any) -> None:
     """Build a snapshot from query logs and publish it.
 

@@ -6,6 +6,7 @@ import json
 import logging
 import platform
 import sys
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -17,6 +18,38 @@ class UserError(click.ClickException):
     """A user mistake: one line on stderr, exit code 2."""
 
     exit_code = 2
+
+
+GLOB_HINT = "an unquoted glob expands to many files: quote it (--logs 'logs/*.jsonl') or repeat --logs"
+
+
+def passed_on(name: str, *, to: str, hint: str, then: Callable | None = None, **attrs: Any) -> Callable:
+    """The trailing argument of options a command passes on (``-- --name=value ...``), refusing anything else.
+
+    Click gathers every stray positional word into it too (the second file of an unquoted glob): such
+    a word is refused with one line naming it, ``hint`` and where options go, exit 2.
+    """
+
+    def check(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+        stray = stray_argument(value)
+        if stray is not None:
+            raise UserError(f"unexpected argument {stray!r}: {hint}; options for {to} go after --, as --name=value")
+        return then(ctx, param, value) if then else value
+
+    return click.argument(name, nargs=-1, type=click.UNPROCESSED, callback=check, **attrs)
+
+
+def stray_argument(args: Sequence[str]) -> str | None:
+    """The first of ``args`` that is neither an option (``--name``, ``--name=value``) nor the value after ``--name``."""
+    value_may_follow = False
+    for arg in args:
+        if arg.startswith("--") and len(arg) > 2:
+            value_may_follow = "=" not in arg
+        elif value_may_follow:
+            value_may_follow = False
+        else:
+            return arg
+    return None
 
 
 def setup_logging(quiet: bool) -> None:

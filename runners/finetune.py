@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from runners.common import UserError, echo_json, setup_logging
+from runners.common import GLOB_HINT, UserError, echo_json, passed_on, setup_logging
 from runners.inputs import check_inputs, head_selection, input_options, log_fields
 
 
@@ -45,7 +45,7 @@ from runners.inputs import check_inputs, head_selection, input_options, log_fiel
 @click.option("--runner", default="direct", show_default=True, help="Beam runner preset for the data preparation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="Only warnings and errors on stderr.")
-@click.argument("beam_options", nargs=-1, type=click.UNPROCESSED)
+@passed_on("beam_options", to="Beam", hint=GLOB_HINT)
 def finetune(**kw: Any) -> None:
     """Fine-tune a model on the queries of your logs (same parsing and privacy filters as build).
 

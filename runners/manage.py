@@ -7,7 +7,7 @@ import sys
 import click
 
 from runners import human, views
-from runners.common import UserError, echo_json
+from runners.common import UserError, echo_json, passed_on
 from store import Snapshot, SnapshotError, current_id, fs, gc, list_snapshots, normalize, remote, rollback
 from store.format import check_files, read_manifest
 from store.publish import resolve
@@ -21,9 +21,10 @@ def filesystem_options(command):
         fs.configure(list(value))
         return value
 
-    return click.argument("fs_options", nargs=-1, type=click.UNPROCESSED, callback=configure, expose_value=False)(
-        command
+    passed = passed_on(
+        "fs_options", to="the filesystem", hint="one root or snapshot per command", then=configure, expose_value=False
     )
+    return passed(command)
 
 
 def _snapshot(path: str) -> tuple[str, dict]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from runners.common import UserError, echo_json, setup_logging
+from runners.common import GLOB_HINT, UserError, echo_json, passed_on, setup_logging
 from runners.inputs import log_fields, log_input_options
 from store import SnapshotError
 
@@ -27,7 +27,7 @@ from store import SnapshotError
 @click.option("--runner", default="direct", show_default=True, help="direct, multiprocess, portable, ... as build.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object on stdout.")
 @click.option("--quiet", is_flag=True, help="Only warnings and errors on stderr.")
-@click.argument("beam_options", nargs=-1, type=click.UNPROCESSED)
+@passed_on("beam_options", to="Beam", hint=GLOB_HINT)
 def replay(**kw: Any) -> None:
     """Measure how much of held-out traffic a snapshot answers without the model.
 

@@ -231,7 +231,7 @@ def test_every_help_has_an_example_that_parses():
         examples = [line.split("&&")[0] for line in text.splitlines() if line.strip().startswith("querycache ")]
         assert examples, f"querycache {name} --help shows no example"
         for example in examples:
-            args = shlex.split(example)[1:]
+            args = shlex.split(example, comments=True)[1:]  # as a shell reads it
             with main.make_context("querycache", list(args)) as ctx:
                 sub, command_, rest = main.resolve_command(ctx, ctx._protected_args + ctx.args)
                 command_.make_context(sub, rest, parent=ctx).close()

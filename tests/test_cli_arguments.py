@@ -1,0 +1,56 @@
+"""Options passed on to Beam or the filesystem come after ``--``; a stray word is refused, never dropped."""
+
+from __future__ import annotations
+
+import pytest
+
+from runners.common import stray_argument
+
+LOGS = ["examples/logs/a.jsonl", "examples/logs/b.jsonl"]  # what the shell makes of examples/logs/*.jsonl
+
+
+@pytest.mark.parametrize(
+    ("args", "stray"),
+    [
+        ((), None),
+        (("--direct_num_workers=2", "--job_endpoint", "localhost:8099", "--save_main_session"), None),
+        (("--flag", "--name", "value"), None),
+        (("b.jsonl",), "b.jsonl"),
+        (("b.jsonl", "--direct_num_workers=2"), "b.jsonl"),
+        (("--name=value", "b.jsonl"), "b.jsonl"),
+        (("--name", "value", "b.jsonl"), "b.jsonl"),
+        (("--", "x"), "--"),
+        (("-x",), "-x"),
+    ],
+)
+def test_stray_argument(args, stray):
+    assert stray_argument(args) == stray
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        lambda out: ["build", "--logs", *LOGS, "--out", out],
+        lambda out: ["build", "--logs", LOGS[0], "--out", out, "--", LOGS[1]],
+        lambda out: ["build", "--logs", *LOGS, "--out", out, "--", "--direct_num_workers=2"],
+        lambda out: ["replay", out, "--logs", *LOGS],
+        lambda out: ["finetune", "--logs", *LOGS, "--out", out],
+    ],
+    ids=["build", "build-after-dashes", "build-with-options", "replay", "finetune"],
+)
+def test_an_unquoted_glob_is_refused_with_one_line(cli, tmp_path, command):
+    out = tmp_path / "out"
+    result = cli(*command(str(out)))
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert f"unexpected argument '{LOGS[1]}'" in line and "quote it (--logs 'logs/*.jsonl')" in line
+    assert not out.exists()
+
+
+def test_snapshot_commands_refuse_a_second_root(cli, tmp_path):
+    result = cli("verify", tmp_path / "a", tmp_path / "b")
+    assert result.exit_code == 2
+    assert (
+        result.output.strip() == f"Error: unexpected argument '{tmp_path / 'b'}': one root or snapshot per command; "
+        "options for the filesystem go after --, as --name=value"
+    )
