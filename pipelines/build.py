@@ -37,7 +37,7 @@ from transforms.count import CountQueries
 from transforms.infer import ReuseOrInfer, share_engine
 from transforms.model_stage import ShippedModel, ship_model
 from transforms.normalize import NormalizeQueries
-from transforms.read_logs import UNMATCHED, ReadQueryLogs
+from transforms.read_logs import UNMATCHED, ReadQueryLogs, Truncations
 from transforms.records import LogFields
 from transforms.select_head import SelectHead
 from transforms.selection import Selection
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 STATISTICS = {
     "lines_read": SUM, "accepted": ITEMS, "distinct_queries": COUNT, "reused": COUNT,
     "rejected_by_reason": BY_VALUE, "dropped_for_privacy": BY_VALUE, "unanswered": BY_VALUE, "inference": MERGE,
+    "truncated_files": MERGE,
 }  # fmt: skip
 
 
@@ -96,6 +97,7 @@ def build_pipeline(
         "lines_read": lines, "accepted": keys, "distinct_queries": counts, "reused": reused,
         "rejected_by_reason": rejected | "Reasons" >> beam.Map(lambda r: r["reason"]),
         "dropped_for_privacy": dropped, "unanswered": unanswered, "inference": inference,
+        "truncated_files": unreadable | "Truncations" >> Truncations(),
     } | "GatherStats" >> GatherStats(STATISTICS)  # fmt: skip
     _ = p | "Start" >> beam.Create([staging]) | "CommitSnapshot" >> beam.Map(
         _finalize, manifest, shards=AsList(shards), dead_files=AsList(dead_files), stats=AsSingleton(stats),
@@ -296,6 +298,7 @@ def summary(manifest: dict, seconds: float) -> dict:
         "accepted",
         "rejected",
         "rejected_by_reason",
+        "truncated_files",
         "distinct_queries",
         "head_size",
         "traffic_covered",

@@ -20,7 +20,7 @@ from store.publish import resolve
 from store.remote import SnapshotRef
 from store.snapshot import Snapshot
 from transforms.progress import tick
-from transforms.records import LogFields, columns_of, format_of
+from transforms.records import LogFields, columns_of, decompressed, format_of
 
 if TYPE_CHECKING:  # the engine (torch) loads only where a build checks fidelity
     from inference.engine import Engine, EngineConfig
@@ -52,7 +52,10 @@ def check_logs(patterns: tuple[str, ...], fields: LogFields) -> list[str]:
     log.info("reading %d log files (%d bytes): %s", len(sizes), size, formats, extra=tick("read", total=size))
     wanted = [f for f in (fields.query, fields.count, fields.user, fields.time, fields.label) if f]
     for path in {format_of(p, fields.format): p for p in paths}.values():
-        with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as stream:
+        with (
+            FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw,
+            decompressed(path, raw) as stream,
+        ):
             columns = columns_of(path, stream, fields)
         missing = [f for f in wanted if columns is not None and f not in columns]
         if missing:

@@ -26,16 +26,16 @@ from training import Example, Step, TrainConfig, train
 from training.checkpoint import Checkpoint
 from transforms.count import CountQueries
 from transforms.normalize import NormalizeQueries
-from transforms.read_logs import ReadQueryLogs
+from transforms.read_logs import ReadQueryLogs, Truncations
 from transforms.records import LogFields
 from transforms.select_head import SelectHead
 from transforms.selection import Selection
-from transforms.stats import BY_VALUE, COUNT, ITEMS, SUM, GatherStats
+from transforms.stats import BY_VALUE, COUNT, ITEMS, MERGE, SUM, GatherStats
 
 log = logging.getLogger(__name__)
 STATISTICS = {
     "lines_read": SUM, "accepted": ITEMS, "distinct_queries": COUNT, "examples": COUNT,
-    "rejected_by_reason": BY_VALUE, "dropped_for_privacy": BY_VALUE,
+    "rejected_by_reason": BY_VALUE, "dropped_for_privacy": BY_VALUE, "truncated_files": MERGE,
 }  # fmt: skip
 DATA_DIR = ".finetune-data"
 
@@ -98,6 +98,7 @@ def prepare_pipeline(p: beam.Pipeline, options: FinetuneOptions, data_dir: str) 
     stats = {
         "lines_read": lines, "accepted": keys, "distinct_queries": counts, "examples": examples,
         "rejected_by_reason": rejected | "Reasons" >> beam.Map(lambda r: r["reason"]), "dropped_for_privacy": dropped,
+        "truncated_files": unreadable | "Truncations" >> Truncations(),
     } | "GatherStats" >> GatherStats(STATISTICS)  # fmt: skip
     _ = stats | "StatsJson" >> beam.Map(json.dumps) | "WriteStats" >> _write(data_dir, "stats.json")
 

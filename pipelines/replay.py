@@ -30,7 +30,7 @@ from pipelines.checks import BuildError, check_accepted, check_logs
 from pipelines.snapshot_files import SnapshotFiles, locate_snapshot
 from transforms.count import CountQueries
 from transforms.normalize import NormalizeQueries
-from transforms.read_logs import ReadQueryLogs
+from transforms.read_logs import ReadQueryLogs, Truncations
 from transforms.records import LogFields
 from transforms.replay import (
     TOPS,
@@ -49,7 +49,7 @@ from transforms.stats import BY_VALUE, ITEMS, MERGE, SUM, GatherStats
 STATISTICS = {
     "lines_read": SUM, "accepted": ITEMS, "rejected_by_reason": BY_VALUE, "totals": MERGE,
     "dropped_for_privacy": BY_VALUE, "histogram": MERGE, "bucket_traffic": MERGE, "bucket_absent": MERGE,
-    "missed_in_tops": BY_VALUE,
+    "missed_in_tops": BY_VALUE, "truncated_files": MERGE,
 }  # fmt: skip
 SNAPSHOT_TOP = 1000
 
@@ -110,7 +110,7 @@ def replay_pipeline(p: beam.Pipeline, options: ReplayOptions, plan: Plan, out: s
         "totals": heldout | "Totals" >> beam.Map(_totals),
         "bucket_traffic": placed | "Traffic" >> beam.MapTuple(lambda bucket, count: {bucket: count}),
         "bucket_absent": placed | "Absent" >> beam.MapTuple(lambda bucket, count: {bucket: int(count == 0)}),
-        "missed_in_tops": missed,
+        "missed_in_tops": missed, "truncated_files": unreadable | "Truncations" >> Truncations(),
     } | "GatherStats" >> GatherStats(STATISTICS)  # fmt: skip
     _ = p | "Start" >> beam.Create([out]) | "WriteFigures" >> beam.Map(
         _write_figures, plan, stats=AsSingleton(stats), misses=AsSingleton(misses))  # fmt: skip
@@ -148,6 +148,7 @@ def figures(stats: dict, misses: list, plan: Plan) -> dict:
         "accepted": stats["accepted"],
         "rejected": sum(stats["rejected_by_reason"].values()),
         "rejected_by_reason": stats["rejected_by_reason"],
+        "truncated_files": stats["truncated_files"],
         "traffic": traffic,
         "hit_traffic": hits,
         "traffic_hit_rate": _share(hits, traffic),

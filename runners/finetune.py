@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from runners import human
 from runners.common import GLOB_HINT, UserError, echo_json, passed_on, setup_logging
 from runners.inputs import check_inputs, head_selection, input_options, log_fields
 
@@ -130,6 +131,8 @@ def _print_report(r: dict, out: str) -> None:
     metrics = [k for k in r["after"] if k not in ("positions", "queries")]
     data, logs = r["data"], r["logs"]
     click.echo(f"trained model written to {out} in {r['seconds'] + r.get('prepare_seconds', 0):.1f}s")
+    if logs.get("truncated_files"):
+        click.echo(f"  cut short         {human.truncated(logs['truncated_files'])}")
     for note in r["notes"]:
         click.echo(f"  note              {note}")
     click.echo(

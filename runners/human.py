@@ -75,6 +75,11 @@ def by_count(counts: Mapping[str, int], none: str = "none") -> str:
     return ", ".join(f"{k} {count(v)}" for k, v in items) or none
 
 
+def truncated(files: Mapping[str, int]) -> str:
+    """``logs/a.jsonl.gz after 49,945 lines``: compressed files cut short and the lines read before each cut."""
+    return ", ".join(f"{path} after {count(lines)} lines" for path, lines in sorted(files.items()))
+
+
 def plural(n: int, word: str, many: str | None = None) -> str:
     """``1 shard``, ``4 shards``, ``2 queries`` (with ``many="queries"``)."""
     return f"{count(n)} {word if n == 1 else many or word + 's'}"

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from runners import human
 from runners.common import GLOB_HINT, UserError, echo_json, passed_on, setup_logging
 from runners.inputs import log_fields, log_input_options
 from store import SnapshotError
@@ -107,6 +108,8 @@ def summary(f: dict, report: str | None = None) -> str:
         f"  compute saved     {seconds} ({_pct(saved['share'])} of answering all traffic with the model)",
         f"  top misses        {misses}",
     ]
+    if f["truncated_files"]:
+        lines.insert(2, f"  cut short         {human.truncated(f['truncated_files'])}")
     if report:
         lines.append(f"  report            {report}")
     return "\n".join(lines)

@@ -41,9 +41,12 @@ def _figures(s: dict, selection: dict | None, reused_from: str | None) -> list[t
     if s["computed"]:
         results += f" at {human.rate(s['inference_queries_per_second'], 'queries')}"
     results += f", {human.count(s['reused'])} reused" + (f" from {reused_from}" if reused_from and s["reused"] else "")
+    truncated = s.get("truncated_files")  # absent from manifests written before it was recorded
     return [
         ("lines read", f"{human.count(s['lines_read'])}: {human.count(s['accepted'])} accepted "
          f"({_share(s['accepted'], s['lines_read'])}), {rejected}"),
+        *([("cut short", human.truncated(truncated) + ": compressed files without their end marker")]
+          if truncated else []),
         ("distinct queries", human.count(s["distinct_queries"])),
         ("head", head + (f": {human.selection(selection)}" if selection else "")),
         ("privacy drops", drops),

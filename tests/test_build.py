@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import random
+import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -399,3 +400,39 @@ def test_model_info_lists_heads_and_fingerprints(cli, tiny_bert):
     assert minilm["embed"]["ok"] and minilm["embed"]["settings"]["pooling"] == "mean"
     assert minilm["embed"]["settings"]["normalize"] is True
     assert not minilm["fill-mask"]["ok"] and "masked-LM head" in minilm["fill-mask"]["error"]
+
+
+def _cut(data: bytes, fmt: str) -> tuple[bytes, int]:
+    """``data`` compressed as ``fmt`` and cut at 60%, and the whole lines that survive the cut."""
+    whole = gzip.compress(data) if fmt == "gz" else bz2.compress(data, compresslevel=1)  # 100 kB bz2 blocks
+    cut = whole[: len(whole) * 3 // 5]
+    decompressor = zlib.decompressobj(wbits=31) if fmt == "gz" else bz2.BZ2Decompressor()
+    return cut, decompressor.decompress(cut).count(b"\n")
+
+
+@pytest.mark.parametrize("fmt", ["gz", "bz2"])
+def test_a_compressed_log_cut_short_is_reported_and_its_lines_before_the_cut_count(cli, tiny_bert, tmp_path, fmt):
+    lines = [json.dumps({"query": f"{random.Random(i).choice(WORDS)} {i}"}) for i in range(60_000)]
+    data = "".join(line + "\n" for line in lines).encode()
+    cut, survived = _cut(data, fmt)
+    assert 0 < survived < len(lines)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / f"cut.jsonl.{fmt}").write_bytes(cut)
+    (tmp_path / "logs" / f"whole.jsonl.{fmt}").write_bytes(gzip.compress(data) if fmt == "gz" else bz2.compress(data))
+    summary = run_build(cli, *build_args(str(tmp_path / "logs" / "*"), tmp_path / "out", tiny_bert, "--top-k", "5"))
+    cut_name = str(tmp_path / "logs" / f"cut.jsonl.{fmt}")
+    assert summary["rejected_by_reason"] == {"truncated_file": 1}
+    assert summary["truncated_files"] == {cut_name: survived}
+    assert summary["accepted"] == len(lines) + survived
+    assert summary["lines_read"] == summary["accepted"] + summary["rejected"]
+    (dead,) = [json.loads(line) for line in _dead_letters(tmp_path / "out")]
+    assert (dead["source"], dead["line"], dead["reason"]) == (cut_name, survived + 1, "truncated_file")
+    text = cli(*build_args(str(tmp_path / "logs" / "*"), tmp_path / "out", tiny_bert)[:-2]).output
+    assert f"cut short         {cut_name} after {survived:,} lines" in text
+    replay = run_build(cli, "replay", tmp_path / "out", "--logs", str(tmp_path / "logs" / "*"), "--json", "--quiet")
+    assert (replay["truncated_files"], replay["rejected_by_reason"]) == ({cut_name: survived}, {"truncated_file": 1})
+
+
+def _dead_letters(root: Path) -> list[str]:
+    with Snapshot.open(root) as snap:
+        return [line for rel in snap.manifest["rejected"] for line in (snap.directory / rel).read_text().splitlines()]

@@ -28,7 +28,8 @@ from tests.conftest import build_args
 from tests.test_build import PII, make_records, write_log
 
 BUILD_KEYS = [
-    "snapshot_id", "lines_read", "accepted", "rejected", "rejected_by_reason", "distinct_queries", "head_size",
+    "snapshot_id", "lines_read", "accepted", "rejected", "rejected_by_reason", "truncated_files", "distinct_queries",
+    "head_size",
     "traffic_covered", "dropped_for_privacy", "reused", "computed", "inference_queries_per_second", "fidelity",
     "model_fingerprint", "seconds", "peak_rss_mib",
 ]  # fmt: skip
@@ -69,7 +70,7 @@ def test_build_json_keeps_its_keys_and_values(builds):
     assert builds["a_stdout"].count("\n") == 1 and list(summary) == BUILD_KEYS
     manifest = json.loads(invoke("inspect", builds["root"] / "snapshots" / summary["snapshot_id"], "--json").stdout)
     stats = manifest["stats"]
-    assert {k: summary[k] for k in BUILD_KEYS[1:11]} == {k: stats[k] for k in BUILD_KEYS[1:11]}
+    assert {k: summary[k] for k in BUILD_KEYS[1:12]} == {k: stats[k] for k in BUILD_KEYS[1:12]}
     assert summary["lines_read"] == summary["accepted"] + summary["rejected"]
     assert summary["peak_rss_mib"]["driver"] > 50  # Python, torch and Beam at least
     assert (

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bz2
 import datetime as dt
+import gzip
 import io
 from collections import Counter
 
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 
 from transforms.normalize import check_query
 from transforms.privacy import luhn_valid, pii_reason
-from transforms.records import LogFields, format_of, parse_stream
+from transforms.records import LogFields, decompressed, format_of, parse_stream
 from transforms.selection import Selection, plan_head
 
 
@@ -164,3 +166,26 @@ def test_plan_matches_a_full_sort(counts, mode, k, fraction):
     assert sorted(chosen) == sorted(expected)
     for key in expected:
         assert plan["ranks"][counts[key]] == 1 + sum(1 for k in expected if counts[k] > counts[key])
+
+
+def test_compressed_streams_cut_short_end_with_a_truncated_file_dead_letter():
+    data = b"".join(b'{"query": "q %d"}\n' % i for i in range(20_000))
+    for name, packed in [("a.jsonl.gz", gzip.compress(data)), ("b.jsonl.bz2", bz2.compress(data, compresslevel=1))]:
+        out = list(parse_stream(name, decompressed(name, io.BytesIO(packed[: len(packed) // 2])), LogFields()))
+        *records, last = out
+        assert all(isinstance(r, tuple) for r in records) and len(records) < 20_000
+        assert (last["reason"], last["line"]) == ("truncated_file", len(records) + 1)
+        assert f"after {len(records)} lines" in last["excerpt"]
+        whole = list(parse_stream(name, decompressed(name, io.BytesIO(packed)), LogFields()))
+        assert len(whole) == 20_000 and all(isinstance(r, tuple) for r in whole)
+
+
+def test_concatenated_gzip_members_are_one_log_and_a_plain_name_is_not_decompressed():
+    members = gzip.compress(b"a\nb\n") + gzip.compress(b"c\n")  # cat a.gz b.gz > log.gz, as rotation does
+    assert [r[0] for r in parse_stream("log.txt.gz", decompressed("log.txt.gz", io.BytesIO(members)), LogFields())] == [
+        "a",
+        "b",
+        "c",
+    ]
+    raw = io.BytesIO(b"x\n")
+    assert decompressed("log.txt", raw) is raw

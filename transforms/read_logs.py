@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressedFile, CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from transforms.progress import Ticker
-from transforms.records import LogFields, parse_stream, printable_path, rejection
+from transforms.records import TRUNCATED, LogFields, decompressed, parse_stream, printable_path, rejection
 
 log = logging.getLogger(__name__)
 REJECTED, LINES = "rejected", "lines"
@@ -29,18 +29,17 @@ class _ParseFile(beam.DoFn):
         lines = position = 0
         ticker = Ticker(log, "read")
         try:
-            stream = FileSystems.open(source, compression_type=CompressionTypes.AUTO)
+            raw = FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED)
         except Exception as err:  # noqa: BLE001 - gone or unreadable since it matched: one dead letter
-            stream, lines = None, 1
+            raw, lines = None, 1
             yield beam.pvalue.TaggedOutput(REJECTED, rejection(source, 1, "unreadable_file", repr(err)))
-        if stream is not None:
-            with stream:
-                raw = not isinstance(stream, CompressedFile)  # a compressed file counts its bytes when done
+        if raw is not None:
+            with raw, decompressed(source, raw) as stream:
                 batch = []
                 for item in parse_stream(source, stream, self.fields):
                     lines += 1
                     if lines % BATCH == 0:
-                        now = stream.tell() if raw else 0
+                        now = raw.tell()  # bytes of the file, compressed or not
                         ticker.add(done=now - position, items=BATCH)
                         position = now
                     if isinstance(item, dict):
@@ -76,6 +75,17 @@ def _match(pattern: str):
     if not matched:
         raise FileNotFoundError(f"{UNMATCHED} {pattern} on this worker")
     return matched
+
+
+class Truncations(beam.PTransform):
+    """Dead letters -> ``{source: lines read before the cut}`` for each compressed file cut short."""
+
+    def expand(self, rejected):
+        return (
+            rejected
+            | "Truncated" >> beam.Filter(lambda r: r["reason"] == TRUNCATED)
+            | "LinesBeforeCut" >> beam.Map(lambda r: {r["source"]: r["line"] - 1})
+        )
 
 
 class ReadQueryLogs(beam.PTransform):

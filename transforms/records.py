@@ -7,10 +7,13 @@ every line read yields exactly one of them.
 
 from __future__ import annotations
 
+import bz2
 import csv
 import datetime as dt
+import gzip
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -28,11 +31,16 @@ _EXTENSIONS = {
     ".parquet": "parquet",
     ".pq": "parquet",
 }
-_COMPRESSED = (".gz", ".bz2")
+_COMPRESSED: dict[str, Callable[[IO[bytes]], IO[bytes]]] = {
+    ".gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
+    ".bz2": bz2.BZ2File,
+}
+TRUNCATED = "truncated_file"
 EXCERPT_CHARS = 200
 MAX_WEIGHT = 1 << 40  # one record's count; larger ones are rejected (Parquet counts are int64)
 
 Record = tuple[str, int, "str | None", str, int]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,17 @@ def format_of(path: str, requested: str = "auto") -> str:
     for suffix in _COMPRESSED:
         name = name.removesuffix(suffix)
     return next((fmt for ext, fmt in _EXTENSIONS.items() if name.endswith(ext)), "text")
+
+
+def decompressed(path: str, raw: IO[bytes]) -> IO[bytes]:
+    """The bytes of the log file ``path`` as read from ``raw``, decompressed by its extension (.gz, .bz2).
+
+    Python's decompressors, not Beam's: they raise ``EOFError`` where a stream ends without its
+    end-of-stream marker (a file cut mid-upload), which :func:`parse_stream` reports as
+    ``truncated_file``; Beam's stop there without a word. Closing the result leaves ``raw`` open.
+    """
+    name = path.lower()
+    return next((opener(raw) for suffix, opener in _COMPRESSED.items() if name.endswith(suffix)), raw)
 
 
 def parse_time(value: Any) -> dt.datetime:
@@ -151,7 +170,8 @@ def parse_stream(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[
     """Records and rejections of one file, in order; ``line`` counts from 1 (data rows for CSV/TSV).
 
     Nothing in a file stops the parse: a record that cannot be processed is a dead letter, and a
-    file that cannot be read on (a corrupt archive, say) ends with one ``unreadable_file`` dead letter.
+    file that cannot be read on ends with one dead letter: ``truncated_file`` for a compressed
+    stream cut short (the lines before the cut count as read), ``unreadable_file`` otherwise.
     """
     source = printable_path(source)
     number = 0
@@ -159,6 +179,11 @@ def parse_stream(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[
         for item in _parse(source, stream, fields):
             number += 1
             yield item
+    except EOFError:  # raised by the decompressors of ``decompressed`` only
+        log.warning("%s is cut short: its compressed stream ends after %d lines without an end marker", source, number)
+        yield rejection(
+            source, number + 1, TRUNCATED, f"compressed stream ends without its end marker after {number} lines"
+        )
     except Exception as err:  # noqa: BLE001 - the file's remaining bytes are one dead letter
         yield rejection(source, number + 1, "unreadable_file", f"{type(err).__name__}: {err}")
 
