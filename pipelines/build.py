@@ -29,7 +29,7 @@ from inference.engine import Engine, EngineConfig
 from pipelines.checks import BuildError, check_logs, fidelity_gate, previous_snapshot
 from pipelines.watch import run_and_watch
 from store import fs, remote
-from store.format import SnapshotError, new_manifest, read_manifest
+from store.format import SnapshotError, new_manifest, read_manifest, stats_problems
 from store.publish import current_id, discard_staging, new_snapshot_id, new_staging, publish
 from store.remote import SnapshotRef
 from store.writer import save_manifest
@@ -249,6 +249,9 @@ def _gate_and_publish(options, engine: Engine, staging: str, previous: SnapshotR
     """Check the written snapshot (fidelity gate on a verified local copy when remote), then publish it."""
     remote_root = fs.is_remote(staging)
     manifest = remote.read_manifest(staging) if remote_root else read_manifest(staging)
+    problems = stats_problems(manifest)
+    if problems:  # a runner that loses statistics must not publish a manifest that says otherwise
+        raise BuildError(f"not published: the build's statistics do not add up ({'; '.join(problems)})")
     if manifest["stats"]["accepted"] == 0:
         reasons = manifest["stats"]["rejected_by_reason"]
         top = max(reasons, key=reasons.get) if reasons else "none"

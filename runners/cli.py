@@ -97,7 +97,8 @@ def main() -> None:
     "--runner",
     default="direct",
     show_default=True,
-    help="direct, multiprocess, portable, flink, spark, dataflow, or a Beam runner.",
+    help="direct, multiprocess, portable, flink, spark, dataflow, or a Beam runner. On 2 cores multiprocess is slower "
+    "than direct (README, Runners).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="Only warnings and errors on stderr.")

@@ -9,7 +9,7 @@ import click
 from runners import human, views
 from runners.common import UserError, echo_json, passed_on
 from store import Snapshot, SnapshotError, current_id, fs, gc, list_snapshots, normalize, remote, rollback
-from store.format import check_files, read_manifest
+from store.format import check_files, read_manifest, stats_problems
 from store.publish import resolve
 
 
@@ -116,10 +116,13 @@ def verify(path: str, as_json: bool) -> None:
     try:
         if fs.is_remote(path):
             directory = remote.resolve(path)
-            problems = remote.check_files(directory, remote.read_manifest(directory), checksums=True)
+            manifest = remote.read_manifest(directory)
+            problems = remote.check_files(directory, manifest, checksums=True)
         else:
             directory = resolve(path)
-            problems = check_files(directory, read_manifest(directory), checksums=True)
+            manifest = read_manifest(directory)
+            problems = check_files(directory, manifest, checksums=True)
+        problems = stats_problems(manifest) + problems
     except SnapshotError as err:
         problems, directory = [str(err)], path
     if as_json:

@@ -136,6 +136,35 @@ def check_manifest(manifest: dict, where: str) -> None:
         raise SnapshotError(f"{where}: {unlisted[0]} is not in the manifest's file list, so it cannot be verified")
 
 
+def stats_problems(manifest: dict) -> list[str]:
+    """What is wrong with a manifest's build statistics: a negative count, or lines that do not add up.
+
+    Every line read is accepted or rejected (``lines_read == accepted + rejected``) and ``rejected``
+    is the sum of ``rejected_by_reason``. A manifest without them (written by ``write_snapshot``, not a
+    build) has none.
+    """
+    stats = manifest.get("stats")
+    if not stats:
+        return []
+    counts = {name: stats.get(name) for name in ("lines_read", "accepted", "rejected")}
+    reasons = stats.get("rejected_by_reason")
+    if not isinstance(reasons, dict):
+        return ["stats: rejected_by_reason is not an object"]
+    counts |= {f"rejected_by_reason.{reason}": n for reason, n in reasons.items()}
+    bad = [name for name, n in counts.items() if isinstance(n, bool) or not isinstance(n, int) or n < 0]
+    if bad:
+        return [f"stats: {name} is {counts[name]!r}, not a count" for name in bad]
+    lines, accepted, rejected = counts["lines_read"], counts["accepted"], counts["rejected"]
+    problems = (
+        []
+        if lines == accepted + rejected
+        else [f"stats: lines_read {lines} != accepted {accepted} + rejected {rejected}"]
+    )
+    if rejected != sum(reasons.values()):
+        problems.append(f"stats: rejected {rejected} != {sum(reasons.values())}, the sum of rejected_by_reason")
+    return problems
+
+
 def check_files(directory: str | os.PathLike, manifest: dict, *, checksums: bool) -> list[str]:
     """Problems with the data files listed in the manifest: missing, outside the snapshot, wrong size or sha256."""
     problems = []
@@ -165,7 +194,7 @@ def verify_snapshot(directory: str | os.PathLike, *, checksums: bool = True) -> 
     :class:`SnapshotError` with one line naming every problem. Call it on any copy before trusting it.
     """
     manifest = read_manifest(directory)
-    problems = check_files(directory, manifest, checksums=checksums)
+    problems = stats_problems(manifest) + check_files(directory, manifest, checksums=checksums)
     if problems:
         raise SnapshotError(f"snapshot {directory} is corrupt: " + "; ".join(problems))
     return manifest

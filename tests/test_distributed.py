@@ -118,6 +118,22 @@ def same_answers(a: dict, b: dict) -> None:
         assert float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) >= 0.9999, key
 
 
+def same_figures(root, summary: dict, reference_root, reference: dict) -> None:
+    """Summaries and manifests agree field by field, timings and ids aside; the invariant holds."""
+    timing = {"snapshot_id", "seconds", "peak_rss_mib", "inference_queries_per_second"}
+    assert {k: v for k, v in summary.items() if k not in timing} == {
+        k: v for k, v in reference.items() if k not in timing
+    }
+    with Snapshot.open(root) as snap, Snapshot.open(reference_root) as ref:
+        stats, ref_stats = dict(snap.manifest["stats"]), dict(ref.manifest["stats"])
+        inference, ref_inference = stats.pop("inference"), ref_stats.pop("inference")
+        assert stats == ref_stats
+        assert [inference[k] for k in ("queries", "tokens")] == [ref_inference[k] for k in ("queries", "tokens")]
+        assert inference["seconds"] > 0 and snap.manifest["inference_cost"]["seconds_per_query"] > 0
+        assert snap.manifest["selection"] == ref.manifest["selection"] and len(snap) == len(ref)
+        assert stats["lines_read"] == stats["accepted"] + stats["rejected"] > 0
+
+
 @pytest.fixture(scope="module")
 def direct_build(tiny_bert, tmp_path_factory):
     """One log and its build on the in-process runner to a local root: ``(log, root, summary)``."""
@@ -293,28 +309,29 @@ def _portable_services(workdir: Path) -> tuple[list[subprocess.Popen], list[str]
 def test_the_portable_runner_with_workers_elsewhere_gives_the_same_snapshot(
     cli, tiny_bert, tmp_path, monkeypatch, direct_build
 ):
-    log, local_root, _ = direct_build
+    log, local_root, reference = direct_build
     (tmp_path / "log.jsonl").write_bytes(log.read_bytes())
     elsewhere = tmp_path / "worker-cwd"
     elsewhere.mkdir()
     services, flags = _portable_services(elsewhere)
     try:
         monkeypatch.chdir(tmp_path)  # relative paths on the driver must mean the same on the workers
-        run_build(cli, *build_args("log.jsonl", "portable", tiny_bert, "--count-field", "count", *flags))
+        summary = run_build(cli, *build_args("log.jsonl", "portable", tiny_bert, "--count-field", "count", *flags))
     finally:
         for service in services:
             service.terminate()
             service.wait(10)
     assert not list(elsewhere.iterdir())
     same_answers(table(tmp_path / "portable"), table(local_root))
+    same_figures(tmp_path / "portable", summary, local_root, reference)
 
 
-@pytest.mark.slow
-def test_the_multiprocess_runner_gives_the_same_snapshot(cli, tiny_bert, tmp_path, direct_build):
-    log, local_root, _ = direct_build
+def test_the_multiprocess_runner_gives_the_same_snapshot_and_figures(cli, tiny_bert, tmp_path, direct_build):
+    log, local_root, reference = direct_build
     flags = ["--count-field", "count", "--runner", "multiprocess", "--", "--direct_num_workers=2"]
-    run_build(cli, *build_args(log, tmp_path / "multi", tiny_bert, *flags))
+    summary = run_build(cli, *build_args(log, tmp_path / "multi", tiny_bert, *flags))
     same_answers(table(tmp_path / "multi"), table(local_root))
+    same_figures(tmp_path / "multi", summary, local_root, reference)
 
 
 def test_a_worker_stages_a_remote_model_once_and_names_a_file_that_differs(tiny_bert, tmp_path, s3, monkeypatch):

@@ -191,3 +191,25 @@ def test_one_changed_weight_byte_changes_the_fingerprint(tiny_bert, tmp_path):
     weights.write_bytes(bytes(raw))
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime: like `cp -p`
     assert fingerprint(model, settings) != before
+
+
+@pytest.mark.parametrize(
+    ("stats", "words"),
+    [
+        ({"lines_read": 0, "accepted": 5, "rejected": 0, "rejected_by_reason": {}}, "lines_read 0 != accepted 5"),
+        ({"lines_read": 5, "accepted": 4, "rejected": 1, "rejected_by_reason": {}}, "rejected 1 != 0, the sum"),
+        ({"lines_read": 1, "accepted": 2, "rejected": -1, "rejected_by_reason": {}}, "rejected is -1, not a count"),
+        ({"lines_read": "7", "accepted": 7, "rejected": 0, "rejected_by_reason": {}}, "lines_read is '7'"),
+    ],
+)
+def test_a_manifest_whose_statistics_do_not_add_up_fails_verify(cli, roots, stats, words):
+    root, _ = roots
+    directory = root / SNAPSHOTS / current_id(root)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    (directory / "manifest.json").write_text(json.dumps(manifest | {"stats": stats}))
+    with pytest.raises(SnapshotError, match=words):
+        verify_snapshot(directory)
+    result = cli("verify", root)
+    assert result.exit_code == 1 and f"FAILED stats: {words}" in result.output
+    with Snapshot.open(root) as snap:  # services keep serving its answers: the counts are not the data
+        assert len(snap) == len(_vectors())
