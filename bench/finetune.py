@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # import the repo's packages when run as a script
 from bench.loggen import generate  # noqa: E402
-from pipelines.finetune import FinetuneOptions, finetune  # noqa: E402
-from runners.presets import beam_args  # noqa: E402
-from training import TrainConfig  # noqa: E402
+from querycache.pipelines.finetune import FinetuneOptions, finetune  # noqa: E402
+from querycache.runners.presets import beam_args  # noqa: E402
+from querycache.training import TrainConfig  # noqa: E402
 
 
 def main() -> None:

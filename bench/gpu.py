@@ -22,7 +22,7 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # as a script, bench/ would shadow the inference package
 from bench.inference import beam_overhead, bench_beam_stage, zipf_lengths  # noqa: E402
 from bench.loggen import distinct_queries  # noqa: E402
-from inference import Engine, EngineConfig  # noqa: E402
+from querycache.inference import Engine, EngineConfig  # noqa: E402
 
 
 def rate(fn, n: int) -> float:

@@ -21,8 +21,8 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # as a script, bench/ would shadow the inference package
 from bench.inference import bench_beam_stage, flops_per_query, matmul_peak, zipf_lengths  # noqa: E402
 from bench.loggen import distinct_queries  # noqa: E402
-from inference import Engine, EngineConfig  # noqa: E402
-from inference.batching import token_budget_batches  # noqa: E402
+from querycache.inference import Engine, EngineConfig  # noqa: E402
+from querycache.inference.batching import token_budget_batches  # noqa: E402
 
 
 class EngineFigures(NamedTuple):

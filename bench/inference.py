@@ -29,9 +29,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # as a script, bench/ would shadow the inference package
 from bench.loggen import distinct_queries  # noqa: E402
-from inference import Engine, EngineConfig  # noqa: E402
-from inference.model import default_model_dir  # noqa: E402
-from transforms.infer import RunBert, share_engine  # noqa: E402
+from querycache.inference import Engine, EngineConfig  # noqa: E402
+from querycache.inference.model import default_model_dir  # noqa: E402
+from querycache.transforms.infer import RunBert, share_engine  # noqa: E402
 
 logging.getLogger("apache_beam").setLevel(logging.ERROR)
 BEAM_ARGS = ["--runner=FnApiRunner"]
@@ -99,8 +99,8 @@ def beam_overhead(queries: list[str]) -> float:
 
 
 def bench_beam_stage(queries: list[str], engine: Engine) -> float:
-    from inference.fingerprint import model_files
-    from transforms.model_stage import ShippedModel
+    from querycache.inference.fingerprint import model_files
+    from querycache.transforms.model_stage import ShippedModel
 
     schema = engine.schema
     model = ShippedModel(str(engine.model_dir), model_files(engine.model_dir), engine.fingerprint, engine.config)
@@ -161,7 +161,7 @@ def build_times(model_dir: Path, queries: list[str], tmp: Path) -> tuple[float, 
         cmd = [
             sys.executable,
             "-m",
-            "runners.cli",
+            "querycache",
             "build",
             "--logs",
             str(log),

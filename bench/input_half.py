@@ -20,13 +20,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # import the repo's packages when run as a script
 from bench.loggen import generate  # noqa: E402
-from runners.presets import beam_args  # noqa: E402
-from transforms.count import CountQueries  # noqa: E402
-from transforms.normalize import NormalizeQueries  # noqa: E402
-from transforms.read_logs import ReadQueryLogs  # noqa: E402
-from transforms.records import LogFields  # noqa: E402
-from transforms.select_head import SelectHead  # noqa: E402
-from transforms.selection import Selection  # noqa: E402
+from querycache.runners.presets import beam_args  # noqa: E402
+from querycache.transforms.count import CountQueries  # noqa: E402
+from querycache.transforms.normalize import NormalizeQueries  # noqa: E402
+from querycache.transforms.read_logs import ReadQueryLogs  # noqa: E402
+from querycache.transforms.records import LogFields  # noqa: E402
+from querycache.transforms.select_head import SelectHead  # noqa: E402
+from querycache.transforms.selection import Selection  # noqa: E402
 
 logging.getLogger("apache_beam").setLevel(logging.ERROR)
 

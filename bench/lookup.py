@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from store import ReadThroughCache, Snapshot
-from store.publish import gc
-from store.writer import write_snapshot
+from querycache.store import ReadThroughCache, Snapshot
+from querycache.store.publish import gc
+from querycache.store.writer import write_snapshot
 
 
 def make_results(n: int, dim: int, seed: int = 0) -> dict:

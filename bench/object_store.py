@@ -47,12 +47,12 @@ def _rows(n: int, dim: int) -> list[tuple]:
 
 
 def _one(root: str, shards_rows: list[list], schema: dict, work: Path) -> dict:
-    from store import fs, remote
-    from store.format import new_manifest
-    from store.publish import current_id, new_snapshot_id, new_staging, publish
-    from store.pull import pull
-    from store.writer import write_shard
-    from transforms.write_snapshot import ATTEMPTS, ShardWrite, commit, upload
+    from querycache.store import fs, remote
+    from querycache.store.format import new_manifest
+    from querycache.store.publish import current_id, new_snapshot_id, new_staging, publish
+    from querycache.store.pull import pull
+    from querycache.store.writer import write_shard
+    from querycache.transforms.write_snapshot import ATTEMPTS, ShardWrite, commit, upload
 
     figures: dict = {}
     snapshot_id = new_snapshot_id()
@@ -91,14 +91,14 @@ def main(argv: list[str] | None = None) -> None:
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from store import fs
-    from transforms.write_snapshot import shards_for
+    from querycache.store import fs
+    from querycache.transforms.write_snapshot import shards_for
 
     schema = {"encoding": "float32", "dim": args.dim}
     shards = args.shards or shards_for(args.rows, schema)
     rows = _rows(args.rows, args.dim)
-    from store.format import shard_of
-    from store.keys import key_bytes
+    from querycache.store.format import shard_of
+    from querycache.store.keys import key_bytes
 
     by_shard: list[list] = [[] for _ in range(shards)]
     for row in rows:

@@ -23,10 +23,10 @@ import pyarrow.parquet as pq
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # import the repo's packages when run as a script
 from bench.loggen import generate  # noqa: E402
-from pipelines.build import BuildOptions, build  # noqa: E402
-from pipelines.replay import ReplayOptions, replay  # noqa: E402
-from runners.presets import beam_args  # noqa: E402
-from store import Snapshot, normalize  # noqa: E402
+from querycache.pipelines.build import BuildOptions, build  # noqa: E402
+from querycache.pipelines.replay import ReplayOptions, replay  # noqa: E402
+from querycache.runners.presets import beam_args  # noqa: E402
+from querycache.store import Snapshot, normalize  # noqa: E402
 
 logging.getLogger("apache_beam").setLevel(logging.ERROR)
 
@@ -62,8 +62,8 @@ def main() -> None:
     parser.add_argument("--runner", default="direct")
     parser.add_argument("--model", help="model directory for the day-1 build (default: the shipped MiniLM)")
     args = parser.parse_args()
-    from inference.engine import EngineConfig
-    from transforms.selection import Selection
+    from querycache.inference.engine import EngineConfig
+    from querycache.transforms.selection import Selection
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

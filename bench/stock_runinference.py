@@ -24,7 +24,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # as a script, bench/ would shadow the inference package
-from inference.model import default_model_dir  # noqa: E402
+from querycache.inference.model import default_model_dir  # noqa: E402
 
 logging.getLogger("apache_beam").setLevel(logging.ERROR)
 

@@ -60,7 +60,7 @@ def run_process(cmd: list[str]) -> Run:
 
 
 def build(logs: Path, out: Path, *extra: str) -> tuple[Run, dict]:
-    cmd = [sys.executable, "-m", "runners.cli", "build", "--logs", str(logs), "--out", str(out), "--json", "--quiet"]
+    cmd = [sys.executable, "-m", "querycache", "build", "--logs", str(logs), "--out", str(out), "--json", "--quiet"]
     run = run_process([*cmd, *extra])
     return run, json.loads(run.stdout)
 

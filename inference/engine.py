@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.batching import token_budget_batches
-from inference.device import DTYPES, attention_for, default_token_budget, resolve_device, resolve_dtype
-from inference.fingerprint import fingerprint
-from inference.model import (
+from querycache.inference.batching import token_budget_batches
+from querycache.inference.device import DTYPES, attention_for, default_token_budget, resolve_device, resolve_dtype
+from querycache.inference.fingerprint import fingerprint
+from querycache.inference.model import (
     ModelError,
     check_model_dir,
     default_model_dir,
@@ -31,7 +31,7 @@ from inference.model import (
     load_tokenizer,
     sentence_transformers_pooling,
 )
-from inference.template import DEFAULT_TEMPLATE, MASK, apply
+from querycache.inference.template import DEFAULT_TEMPLATE, MASK, apply
 
 log = logging.getLogger(__name__)
 _PROCESS_THREADS = torch.get_num_threads()  # the process's own setting, before any engine divided it

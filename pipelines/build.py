@@ -25,24 +25,24 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import AsList, AsSingleton
 
-from inference.engine import Engine, EngineConfig
-from pipelines.checks import BuildError, check_logs, fidelity_gate, previous_snapshot
-from pipelines.watch import run_and_watch
-from store import fs, remote
-from store.format import SnapshotError, new_manifest, read_manifest, stats_problems
-from store.publish import current_id, discard_staging, new_snapshot_id, new_staging, publish
-from store.remote import SnapshotRef
-from store.writer import save_manifest
-from transforms.count import CountQueries
-from transforms.infer import ReuseOrInfer, share_engine
-from transforms.model_stage import ShippedModel, ship_model
-from transforms.normalize import NormalizeQueries
-from transforms.read_logs import UNMATCHED, ReadQueryLogs, Truncations
-from transforms.records import LogFields
-from transforms.select_head import SelectHead
-from transforms.selection import Selection
-from transforms.stats import BY_VALUE, COUNT, ITEMS, MERGE, SUM, GatherStats
-from transforms.write_snapshot import WriteDeadLetters, WriteSnapshot, commit, shards_for
+from querycache.inference.engine import Engine, EngineConfig
+from querycache.pipelines.checks import BuildError, check_logs, fidelity_gate, previous_snapshot
+from querycache.pipelines.watch import run_and_watch
+from querycache.store import fs, remote
+from querycache.store.format import SnapshotError, new_manifest, read_manifest, stats_problems
+from querycache.store.publish import current_id, discard_staging, new_snapshot_id, new_staging, publish
+from querycache.store.remote import SnapshotRef
+from querycache.store.writer import save_manifest
+from querycache.transforms.count import CountQueries
+from querycache.transforms.infer import ReuseOrInfer, share_engine
+from querycache.transforms.model_stage import ShippedModel, ship_model
+from querycache.transforms.normalize import NormalizeQueries
+from querycache.transforms.read_logs import UNMATCHED, ReadQueryLogs, Truncations
+from querycache.transforms.records import LogFields
+from querycache.transforms.select_head import SelectHead
+from querycache.transforms.selection import Selection
+from querycache.transforms.stats import BY_VALUE, COUNT, ITEMS, MERGE, SUM, GatherStats
+from querycache.transforms.write_snapshot import WriteDeadLetters, WriteSnapshot, commit, shards_for
 
 log = logging.getLogger(__name__)
 STATISTICS = {

@@ -14,16 +14,16 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from store import fs, remote
-from store.format import SnapshotError, read_manifest
-from store.publish import resolve
-from store.remote import SnapshotRef
-from store.snapshot import Snapshot
-from transforms.progress import tick
-from transforms.records import LogFields, columns_of, decompressed, format_of
+from querycache.store import fs, remote
+from querycache.store.format import SnapshotError, read_manifest
+from querycache.store.publish import resolve
+from querycache.store.remote import SnapshotRef
+from querycache.store.snapshot import Snapshot
+from querycache.transforms.progress import tick
+from querycache.transforms.records import LogFields, columns_of, decompressed, format_of
 
 if TYPE_CHECKING:  # the engine (torch) loads only where a build checks fidelity
-    from inference.engine import Engine, EngineConfig
+    from querycache.inference.engine import Engine, EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def fidelity_gate(staging: os.PathLike, engine: Engine, options, previous: os.Pa
 
     Reused answers passed the gate of their own build; with nothing computed there is nothing to check.
     """
-    from inference.engine import Engine
+    from querycache.inference.engine import Engine
 
     if not options.fidelity_sample or not computed:
         return {"sample": 0, "passed": True}

@@ -20,17 +20,17 @@ from pathlib import Path
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from inference.model import check_model_dir, default_model_dir
-from pipelines.checks import BuildError, check_logs
-from training import Example, Step, TrainConfig, train
-from training.checkpoint import Checkpoint
-from transforms.count import CountQueries
-from transforms.normalize import NormalizeQueries
-from transforms.read_logs import ReadQueryLogs, Truncations
-from transforms.records import LogFields
-from transforms.select_head import SelectHead
-from transforms.selection import Selection
-from transforms.stats import BY_VALUE, COUNT, ITEMS, MERGE, SUM, GatherStats
+from querycache.inference.model import check_model_dir, default_model_dir
+from querycache.pipelines.checks import BuildError, check_logs
+from querycache.training import Example, Step, TrainConfig, train
+from querycache.training.checkpoint import Checkpoint
+from querycache.transforms.count import CountQueries
+from querycache.transforms.normalize import NormalizeQueries
+from querycache.transforms.read_logs import ReadQueryLogs, Truncations
+from querycache.transforms.records import LogFields
+from querycache.transforms.select_head import SelectHead
+from querycache.transforms.selection import Selection
+from querycache.transforms.stats import BY_VALUE, COUNT, ITEMS, MERGE, SUM, GatherStats
 
 log = logging.getLogger(__name__)
 STATISTICS = {

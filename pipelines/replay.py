@@ -26,13 +26,13 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 from apache_beam.pvalue import AsSingleton
 
-from pipelines.checks import BuildError, check_accepted, check_logs
-from pipelines.snapshot_files import SnapshotFiles, locate_snapshot
-from transforms.count import CountQueries
-from transforms.normalize import NormalizeQueries
-from transforms.read_logs import ReadQueryLogs, Truncations
-from transforms.records import LogFields
-from transforms.replay import (
+from querycache.pipelines.checks import BuildError, check_accepted, check_logs
+from querycache.pipelines.snapshot_files import SnapshotFiles, locate_snapshot
+from querycache.transforms.count import CountQueries
+from querycache.transforms.normalize import NormalizeQueries
+from querycache.transforms.read_logs import ReadQueryLogs, Truncations
+from querycache.transforms.records import LogFields
+from querycache.transforms.replay import (
     TOPS,
     Histogram,
     JoinSnapshot,
@@ -42,9 +42,9 @@ from transforms.replay import (
     TopMisses,
     top_plans,
 )
-from transforms.select_head import ScreenPrivacy
-from transforms.selection import Selection, plan_head
-from transforms.stats import BY_VALUE, ITEMS, MERGE, SUM, GatherStats
+from querycache.transforms.select_head import ScreenPrivacy
+from querycache.transforms.selection import Selection, plan_head
+from querycache.transforms.stats import BY_VALUE, ITEMS, MERGE, SUM, GatherStats
 
 STATISTICS = {
     "lines_read": SUM, "accepted": ITEMS, "rejected_by_reason": BY_VALUE, "totals": MERGE,

@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 from apache_beam.io.filesystems import FileSystems
 
-from store.format import MANIFEST, SnapshotError, check_manifest, check_snapshot_id, parquet_shard_path
-from store.publish import CURRENT, SNAPSHOTS
+from querycache.store.format import MANIFEST, SnapshotError, check_manifest, check_snapshot_id, parquet_shard_path
+from querycache.store.publish import CURRENT, SNAPSHOTS
 
 
 class SnapshotFiles(NamedTuple):

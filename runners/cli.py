@@ -7,11 +7,11 @@ from typing import Any
 
 import click
 
-from runners import finetune, manage, replay, views
-from runners.common import GLOB_HINT, UserError, echo_json, passed_on, print_version, setup_logging
-from runners.inputs import check_inputs, head_selection, input_options, log_fields
-from runners.progress import progress_display
-from store import SnapshotError
+from querycache.runners import finetune, manage, replay, views
+from querycache.runners.common import GLOB_HINT, UserError, echo_json, passed_on, print_version, setup_logging
+from querycache.runners.inputs import check_inputs, head_selection, input_options, log_fields
+from querycache.runners.progress import progress_display
+from querycache.store import SnapshotError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -113,10 +113,10 @@ def build(**kw: Any) -> None:
     """
     setup_logging(kw["quiet"])
     picked = check_inputs(kw)
-    from inference.model import ModelError
-    from pipelines.build import build as run_build
-    from pipelines.checks import BuildError
-    from runners.presets import beam_args, in_process
+    from querycache.inference.model import ModelError
+    from querycache.pipelines.build import build as run_build
+    from querycache.pipelines.checks import BuildError
+    from querycache.runners.presets import beam_args, in_process
 
     options = _build_options(kw, picked)
     args = beam_args(kw["runner"], list(kw["beam_options"]))
@@ -135,8 +135,8 @@ def build(**kw: Any) -> None:
 
 def _published_manifest(root: str, snapshot_id: str) -> dict | None:
     """The manifest the summary came from, for the words of the head selection (None where unreadable)."""
-    from store.format import read_manifest
-    from store.publish import SNAPSHOTS
+    from querycache.store.format import read_manifest
+    from querycache.store.publish import SNAPSHOTS
 
     try:
         return read_manifest(Path(root) / SNAPSHOTS / snapshot_id)
@@ -146,8 +146,8 @@ def _published_manifest(root: str, snapshot_id: str) -> dict | None:
 
 def _build_options(kw: dict, picked: list[str]):
     """Map the command line onto BuildOptions (imports deferred: `querycache lookup` needs no torch)."""
-    from inference.engine import EngineConfig
-    from pipelines.build import BuildOptions
+    from querycache.inference.engine import EngineConfig
+    from querycache.pipelines.build import BuildOptions
 
     return BuildOptions(
         logs=tuple(kw["logs"]),
@@ -191,8 +191,8 @@ def model_info(model_dir: str | None, as_json: bool) -> None:
       querycache model-info ./models/my-bert
     """
     setup_logging(True)
-    from inference.engine import describe_model
-    from inference.model import ModelError
+    from querycache.inference.engine import describe_model
+    from querycache.inference.model import ModelError
 
     try:
         info = describe_model(model_dir)

@@ -79,7 +79,7 @@ def echo_json(obj: Any) -> None:
 
 def versions() -> dict[str, str]:
     """Versions of querycache, its engines and the key function, read from package metadata (no torch import)."""
-    from store.keys import KEY_FUNCTION
+    from querycache.store.keys import KEY_FUNCTION
 
     def of(package: str) -> str:
         try:

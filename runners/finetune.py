@@ -7,9 +7,9 @@ from typing import Any
 
 import click
 
-from runners import human
-from runners.common import GLOB_HINT, UserError, echo_json, passed_on, setup_logging
-from runners.inputs import check_inputs, head_selection, input_options, log_fields
+from querycache.runners import human
+from querycache.runners.common import GLOB_HINT, UserError, echo_json, passed_on, setup_logging
+from querycache.runners.inputs import check_inputs, head_selection, input_options, log_fields
 
 
 @click.command(context_settings={"ignore_unknown_options": False})
@@ -62,12 +62,12 @@ def finetune(**kw: Any) -> None:
         raise UserError("--task classify needs --label-field, the field that holds each query's class")
     if kw["label_field"] and kw["task"] != "classify":
         raise UserError("--label-field is for --task classify")
-    from inference.model import ModelError
-    from pipelines.checks import BuildError
-    from pipelines.finetune import finetune as run_finetune
-    from runners.presets import beam_args
-    from training import TrainingError
-    from training.checkpoint import CheckpointError
+    from querycache.inference.model import ModelError
+    from querycache.pipelines.checks import BuildError
+    from querycache.pipelines.finetune import finetune as run_finetune
+    from querycache.runners.presets import beam_args
+    from querycache.training import TrainingError
+    from querycache.training.checkpoint import CheckpointError
 
     progress = ProgressBar() if sys.stderr.isatty() and not kw["quiet"] else None
     try:
@@ -86,8 +86,8 @@ def finetune(**kw: Any) -> None:
 
 
 def _options(kw: dict, picked: list[str]):
-    from pipelines.finetune import FinetuneOptions
-    from training import TrainConfig
+    from querycache.pipelines.finetune import FinetuneOptions
+    from querycache.training import TrainConfig
 
     names = (
         "task", "steps", "epochs", "lr", "warmup", "weight_decay", "grad_clip", "mask_prob", "whole_word",

@@ -1,6 +1,6 @@
 """Numbers and facts in words people scan: counts, shares, durations, sizes, the fidelity sentence, tables.
 
-    from runners import human
+    from querycache.runners import human
     human.count(12345)                  # '12,345'
     human.percent(0.99950025)           # '99.95%'
     human.seconds(754.2)                # '12 min 34 s'

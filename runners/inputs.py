@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from runners.common import UserError
+from querycache.runners.common import UserError
 
 
 def _fraction(ctx, param, value):
@@ -21,7 +21,7 @@ def _fraction(ctx, param, value):
 def _iso(ctx, param, value):
     if value is None:
         return None
-    from transforms.records import parse_time
+    from querycache.transforms.records import parse_time
 
     try:
         return parse_time(value)
@@ -98,7 +98,7 @@ def check_inputs(kw: dict) -> list[str]:
 
 def log_fields(kw: dict, label: str | None = None):
     """The ``LogFields`` of the command line; UserError for --since/--until without --time-field."""
-    from transforms.records import LogFields
+    from querycache.transforms.records import LogFields
 
     if (kw["since"] or kw["until"]) and not kw["time_field"]:
         raise UserError("--since/--until need --time-field, the field that holds the record time")
@@ -116,7 +116,7 @@ def log_fields(kw: dict, label: str | None = None):
 
 def head_selection(kw: dict, picked: list[str]):
     """The ``Selection`` of the command line (``--min-count 1`` without a selector)."""
-    from transforms.selection import Selection
+    from querycache.transforms.selection import Selection
 
     mode = picked[0] if picked else "min_count"
     return Selection(mode, kw[mode] if picked else 1)

@@ -6,11 +6,11 @@ import sys
 
 import click
 
-from runners import human, views
-from runners.common import UserError, echo_json, passed_on
-from store import Snapshot, SnapshotError, current_id, fs, gc, list_snapshots, normalize, remote, rollback
-from store.format import check_files, read_manifest, stats_problems
-from store.publish import resolve
+from querycache.runners import human, views
+from querycache.runners.common import UserError, echo_json, passed_on
+from querycache.store import Snapshot, SnapshotError, current_id, fs, gc, list_snapshots, normalize, remote, rollback
+from querycache.store.format import check_files, read_manifest, stats_problems
+from querycache.store.publish import resolve
 
 
 def filesystem_options(command):
@@ -230,7 +230,7 @@ def pull_(source_root: str, local_root: str, keep: int | None, every: float | No
       querycache pull s3://bucket/qc /srv/qc --keep 2 -- --s3_region_name=eu-west-1
       querycache pull s3://bucket/qc /srv/qc --watch 60     # a sidecar; ReadThroughCache hot-reloads
     """
-    from store.pull import pull, watch
+    from querycache.store.pull import pull, watch
 
     def report(result) -> None:
         if as_json:

@@ -35,11 +35,11 @@ from rich.progress import (
 from rich.progress import Task as RichTask
 from rich.text import Text
 
-from runners import human
-from transforms.progress import Tick
+from querycache.runners import human
+from querycache.transforms.progress import Tick
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"  # as runners.common.setup_logging
-LOGGERS = ("transforms", "pipelines", "inference", "training")  # whose DEBUG Ticks the display asks for
+LOGGERS = ("querycache",)  # whose DEBUG Ticks the display asks for (every room logs under it)
 
 
 class StageKind(NamedTuple):

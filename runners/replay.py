@@ -6,10 +6,10 @@ from typing import Any
 
 import click
 
-from runners import human
-from runners.common import GLOB_HINT, UserError, echo_json, passed_on, setup_logging
-from runners.inputs import log_fields, log_input_options
-from store import SnapshotError
+from querycache.runners import human
+from querycache.runners.common import GLOB_HINT, UserError, echo_json, passed_on, setup_logging
+from querycache.runners.inputs import log_fields, log_input_options
+from querycache.store import SnapshotError
 
 
 @click.command(context_settings={"ignore_unknown_options": False})
@@ -43,11 +43,11 @@ def replay(**kw: Any) -> None:
     setup_logging(kw["quiet"])
     if kw["min_users"] and not kw["user_field"]:
         raise UserError("--min-users needs --user-field, the field that identifies users")
-    from pipelines.checks import BuildError
-    from pipelines.replay import ReplayOptions
-    from pipelines.replay import replay as run_replay
-    from runners.presets import beam_args, in_process
-    from runners.progress import progress_display
+    from querycache.pipelines.checks import BuildError
+    from querycache.pipelines.replay import ReplayOptions
+    from querycache.pipelines.replay import replay as run_replay
+    from querycache.runners.presets import beam_args, in_process
+    from querycache.runners.progress import progress_display
 
     options = ReplayOptions(
         snapshot=kw["snapshot"],
@@ -74,7 +74,7 @@ def replay(**kw: Any) -> None:
 def _write_report(path: str, figures: dict) -> None:
     from apache_beam.io.filesystems import FileSystems
 
-    from runners.report import render_report
+    from querycache.runners.report import render_report
 
     html = render_report(figures).encode("utf-8")
     try:

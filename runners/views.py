@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from runners import human
+from querycache.runners import human
 
 
 def _created(iso: str) -> str:

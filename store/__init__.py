@@ -2,16 +2,16 @@
 
 Importable with lmdb, pyarrow and numpy alone (no Beam, no torch)::
 
-    from store import Snapshot, ReadThroughCache
+    from querycache.store import Snapshot, ReadThroughCache
     Snapshot.open("/data/qc").get("cheap flights to paris")
 """
 
-from store.cache import ReadThroughCache
-from store.format import FORMAT_VERSION, SnapshotError
-from store.keys import KEY_FUNCTION, normalize
-from store.publish import current_id, gc, list_snapshots, publish, rollback
-from store.pull import PullResult, pull
-from store.snapshot import Snapshot
+from querycache.store.cache import ReadThroughCache
+from querycache.store.format import FORMAT_VERSION, SnapshotError
+from querycache.store.keys import KEY_FUNCTION, normalize
+from querycache.store.publish import current_id, gc, list_snapshots, publish, rollback
+from querycache.store.pull import PullResult, pull
+from querycache.store.snapshot import Snapshot
 
 __all__ = [
     "FORMAT_VERSION",

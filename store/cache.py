@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from store.format import SnapshotError
-from store.keys import normalize_all, not_text
-from store.publish import CURRENT, current_id
-from store.snapshot import Snapshot
+from querycache.store.format import SnapshotError
+from querycache.store.keys import normalize_all, not_text
+from querycache.store.publish import CURRENT, current_id
+from querycache.store.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 Fallback = Callable[[list[str]], Sequence[Any]]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from store.keys import KEY_FUNCTION, SUPPORTED_KEY_VERSIONS
+from querycache.store.keys import KEY_FUNCTION, SUPPORTED_KEY_VERSIONS
 
 FORMAT_NAME = "querycache-snapshot"
 FORMAT_VERSION = 1

@@ -19,8 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
-from store import fs, remote
-from store.format import MANIFEST, SnapshotError, check_snapshot_id, read_manifest
+from querycache.store import fs, remote
+from querycache.store.format import MANIFEST, SnapshotError, check_snapshot_id, read_manifest
 
 log = logging.getLogger(__name__)
 

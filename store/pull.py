@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from store import fs, remote
-from store.format import MANIFEST, SnapshotError, check_manifest
-from store.publish import SNAPSHOTS, current_id, gc, new_staging, point_current, publish
+from querycache.store import fs, remote
+from querycache.store.format import MANIFEST, SnapshotError, check_manifest
+from querycache.store.publish import SNAPSHOTS, current_id, gc, new_staging, point_current, publish
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import hashlib
 import json
 from typing import NamedTuple
 
-from store import fs
-from store.format import MANIFEST, SnapshotError, check_manifest, check_snapshot_id
+from querycache.store import fs
+from querycache.store.format import MANIFEST, SnapshotError, check_manifest, check_snapshot_id
 
 CURRENT, SNAPSHOTS = "CURRENT", "snapshots"
 STALE_SECONDS = 24 * 3600

@@ -22,7 +22,7 @@ import lmdb
 import numpy as np
 import pyarrow.parquet as pq
 
-from store.format import (
+from querycache.store.format import (
     EMBED_DTYPES,
     SnapshotError,
     check_files,
@@ -31,8 +31,8 @@ from store.format import (
     read_manifest,
     shard_of,
 )
-from store.keys import key_bytes, normalize, query_key, query_keys, query_list
-from store.publish import resolve
+from querycache.store.keys import key_bytes, normalize, query_key, query_keys, query_list
+from querycache.store.publish import resolve
 
 _envs: dict[str, list] = {}  # real path -> [environment, users]
 _envs_lock = threading.Lock()

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.format import (
+from querycache.store.format import (
     EMBED_DTYPES,
     MANIFEST,
     decode_value,
@@ -30,7 +30,7 @@ from store.format import (
     sha256_file,
     shard_of,
 )
-from store.keys import key_bytes
+from querycache.store.keys import key_bytes
 
 Row = tuple[str, int, "int | None", int, bytes]
 
@@ -169,8 +169,8 @@ def write_snapshot(
     Returns the published directory, or the staging directory when ``publish`` is False.
     Useful for tests, benchmarks and snapshots built from an existing table.
     """
-    from store.publish import new_snapshot_id, new_staging
-    from store.publish import publish as publish_staging
+    from querycache.store.publish import new_snapshot_id, new_staging
+    from querycache.store.publish import publish as publish_staging
 
     snapshot_id = new_snapshot_id()
     staging = new_staging(root, snapshot_id)

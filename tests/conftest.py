@@ -29,7 +29,7 @@ def tiny_bert(tmp_path_factory) -> Path:
 @pytest.fixture
 def cli():
     """Run ``querycache`` in-process: ``cli("build", "--logs", ...)`` -> click Result."""
-    from runners.cli import main
+    from querycache.runners.cli import main
 
     runner = CliRunner()
 

@@ -54,9 +54,9 @@ def _mapped_snapshots() -> int:
 
 
 def main(root: str, model_dir: str, keys_file: str, stop_file: str, out_file: str, threads: int = 4) -> None:
-    from inference import Engine, EngineConfig
-    from store import ReadThroughCache
-    from store import snapshot as snapshot_module
+    from querycache.inference import Engine, EngineConfig
+    from querycache.store import ReadThroughCache
+    from querycache.store import snapshot as snapshot_module
 
     engine = Engine(EngineConfig(model_dir=model_dir, dtype="fp32", device="cpu", streams=1))
     keys = json.loads(Path(keys_file).read_text())

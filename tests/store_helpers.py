@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from store.writer import write_snapshot
+from querycache.store.writer import write_snapshot
 
 
 def make_snapshot(

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from inference import Engine, EngineConfig
-from store import Snapshot, current_id, normalize
+from querycache.inference import Engine, EngineConfig
+from querycache.store import Snapshot, current_id, normalize
 from tests.conftest import build_args, write_jsonl
 from tests.tiny_bert import WORDS
 
@@ -373,7 +373,7 @@ def test_verify_inspect_and_gc_commands(cli, tiny_bert, tmp_path):
 
 
 def test_a_service_serves_the_snapshot_and_falls_back_to_the_same_engine(cli, tiny_bert, tmp_path):
-    from store import ReadThroughCache
+    from querycache.store import ReadThroughCache
 
     log = write_log(tmp_path, "jsonl", make_records(60))
     run_build(cli, *build_args(log, tmp_path / "out", tiny_bert))

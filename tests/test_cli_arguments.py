@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runners.common import stray_argument
+from querycache.runners.common import stray_argument
 
 LOGS = ["examples/logs/a.jsonl", "examples/logs/b.jsonl"]  # what the shell makes of examples/logs/*.jsonl
 

@@ -21,9 +21,9 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from runners import human, views
-from runners.cli import main
-from store import Snapshot, normalize
+from querycache.runners import human, views
+from querycache.runners.cli import main
+from querycache.store import Snapshot, normalize
 from tests.conftest import build_args
 from tests.test_build import PII, make_records, write_log
 
@@ -54,7 +54,7 @@ def builds(tiny_bert, tmp_path_factory):
     assert a.exit_code == 0, a.output
     args = [a for a in build_args(log_b, root, tiny_bert) if a not in ("--json", "--quiet")]
     b = subprocess.run(
-        [sys.executable, "-m", "runners.cli", *map(str, args)],
+        [sys.executable, "-m", "querycache", *map(str, args)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -142,9 +142,9 @@ def test_verify_rollback_and_gc_json_keep_their_keys(builds, tmp_path):
 
 
 def test_progress_display_counts_what_the_build_did(tiny_bert, tmp_path, caplog):
-    from inference.engine import EngineConfig
-    from pipelines.build import BuildOptions, build
-    from runners.progress import progress_display
+    from querycache.inference.engine import EngineConfig
+    from querycache.pipelines.build import BuildOptions, build
+    from querycache.runners.progress import progress_display
 
     log = write_log(tmp_path, "jsonl", make_records(60, seed=3))
     screen = io.StringIO()
@@ -203,7 +203,7 @@ def test_model_info_in_words(tiny_bert):
 
 def test_version_names_the_engines_without_importing_them():
     code = (
-        "import sys; from click.testing import CliRunner; from runners.cli import main;"
+        "import sys; from click.testing import CliRunner; from querycache.runners.cli import main;"
         "print(CliRunner().invoke(main, ['--version']).output);"
         "print([m for m in ('torch', 'apache_beam', 'transformers') if m in sys.modules])"
     )

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import torch
 
-from inference import Engine, EngineConfig
+from querycache.inference import Engine, EngineConfig
 from tests.tiny_bert import WORDS
 
 
@@ -61,7 +61,7 @@ def test_engines_never_divide_the_process_threads_again(tiny_bert):
 def test_finalize_leaves_its_side_inputs_as_it_found_them(tmp_path):
     import copy
 
-    from pipelines.build import _finalize
+    from querycache.pipelines.build import _finalize
 
     stats = {"lines_read": 3, "accepted": 3, "distinct_queries": 2, "rows": 2, "reused": 0,
              "rejected_by_reason": {}, "dropped_for_privacy": {}, "unanswered": {},
@@ -97,8 +97,8 @@ def _in_child(work) -> int:
 
 
 def test_a_fork_while_another_thread_holds_the_store_locks_does_not_hang_the_child(tmp_path):
-    from store import ReadThroughCache, Snapshot
-    from store import snapshot as snapshot_module
+    from querycache.store import ReadThroughCache, Snapshot
+    from querycache.store import snapshot as snapshot_module
     from tests.store_helpers import make_snapshot
 
     schema = {"encoding": "float32", "dim": 2}
@@ -125,7 +125,7 @@ def test_a_fork_while_another_thread_holds_the_store_locks_does_not_hang_the_chi
 
 
 def test_a_retired_snapshot_stays_open_until_the_last_lookup_lets_go(tmp_path):
-    from store import ReadThroughCache
+    from querycache.store import ReadThroughCache
     from tests.store_helpers import make_snapshot
 
     schema = {"encoding": "float32", "dim": 2}

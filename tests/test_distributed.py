@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from store import Snapshot, current_id
-from store import fs as store_fs
-from store.publish import SNAPSHOTS
+from querycache.store import Snapshot, current_id
+from querycache.store import fs as store_fs
+from querycache.store.publish import SNAPSHOTS
 from tests.conftest import build_args
 from tests.store_helpers import make_snapshot
 from tests.test_build import make_records, run_build, write_log
@@ -82,7 +82,7 @@ def use_s3(options: list[str]) -> None:
 
 def remote_snapshot(tmp_path: Path, root: str, values: dict, s3: dict, publish: bool = True) -> str:
     """Write a small snapshot with the store writer and put it under the remote ``root``; return its id."""
-    from store import remote
+    from querycache.store import remote
 
     use_s3(s3["options"])
     local = make_snapshot(tmp_path / f"w{time.monotonic_ns()}", values, SCHEMA, do_publish=False)
@@ -139,7 +139,7 @@ def direct_build(tiny_bert, tmp_path_factory):
     """One log and its build on the in-process runner to a local root: ``(log, root, summary)``."""
     from click.testing import CliRunner
 
-    from runners.cli import main
+    from querycache.runners.cli import main
 
     tmp = tmp_path_factory.mktemp("direct")
     log = write_log(tmp, "jsonl", make_records(150))
@@ -200,9 +200,9 @@ def test_build_to_s3_pulls_to_the_same_snapshot_reuses_and_takes_a_model_from_s3
 def test_a_shard_written_twice_commits_one_correct_shard(tmp_path, s3):
     from apache_beam.io.filesystems import FileSystems
 
-    from store import remote
-    from store.format import new_manifest
-    from transforms.write_snapshot import WriteSnapshot, commit, spill_record
+    from querycache.store import remote
+    from querycache.store.format import new_manifest
+    from querycache.transforms.write_snapshot import WriteSnapshot, commit, spill_record
 
     use_s3(s3["options"])
     directory = f"{s3['bucket']}/twice/snapshots/s1"
@@ -222,7 +222,7 @@ def test_a_shard_written_twice_commits_one_correct_shard(tmp_path, s3):
 
 
 def test_a_racing_publish_loses_with_a_clear_message(tmp_path, s3):
-    from store import SnapshotError, remote
+    from querycache.store import SnapshotError, remote
 
     root = f"{s3['bucket']}/race"
     base = remote_snapshot(tmp_path, root, vectors(5, 0), s3)
@@ -265,7 +265,7 @@ def test_pull_watch_picks_up_a_second_snapshot(tmp_path, s3):
     command = [
         sys.executable,
         "-m",
-        "runners.cli",
+        "querycache",
         "pull",
         root,
         str(served),
@@ -335,10 +335,10 @@ def test_the_multiprocess_runner_gives_the_same_snapshot_and_figures(cli, tiny_b
 
 
 def test_a_worker_stages_a_remote_model_once_and_names_a_file_that_differs(tiny_bert, tmp_path, s3, monkeypatch):
-    from inference import EngineConfig
-    from inference.fingerprint import model_files
-    from inference.model import ModelError
-    from transforms import model_stage
+    from querycache.inference import EngineConfig
+    from querycache.inference.fingerprint import model_files
+    from querycache.inference.model import ModelError
+    from querycache.transforms import model_stage
 
     use_s3(s3["options"])
     monkeypatch.setattr(model_stage, "CACHE", str(tmp_path / "cache"))
@@ -357,7 +357,7 @@ def test_a_worker_stages_a_remote_model_once_and_names_a_file_that_differs(tiny_
 
 
 def test_a_pattern_that_matches_nothing_on_the_workers_is_an_error_naming_it(cli, tiny_bert, tmp_path, monkeypatch):
-    monkeypatch.setattr("pipelines.build.check_logs", lambda patterns, fields: [])  # the driver saw files
+    monkeypatch.setattr("querycache.pipelines.build.check_logs", lambda patterns, fields: [])  # the driver saw files
     result = cli(*build_args(tmp_path / "gone-*.jsonl", tmp_path / "out", tiny_bert))
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"--logs {tmp_path}/gone-*.jsonl matched files on the driver but none on the workers" in result.output

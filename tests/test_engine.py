@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from inference import Engine, EngineConfig, ModelError
-from inference.batching import token_budget_batches
+from querycache.inference import Engine, EngineConfig, ModelError
+from querycache.inference.batching import token_budget_batches
 
 QUERIES = ["cheap flights to paris", "buy red shoes", "weather", "pizza near me", "hotels in tokyo tomorrow"]
 

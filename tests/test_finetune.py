@@ -11,16 +11,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, BertModel
 
-from inference import Engine, EngineConfig
-from pipelines.finetune import FinetuneOptions, prepare_examples
-from store import Snapshot
+from querycache.inference import Engine, EngineConfig
+from querycache.pipelines.finetune import FinetuneOptions, prepare_examples
+from querycache.store import Snapshot
+from querycache.training import Example, TrainConfig, train
+from querycache.training.data import held_out_score, split
+from querycache.training.heads import load_for_training
+from querycache.training.masking import IGNORE, mask_batch
+from querycache.transforms.records import LogFields
 from tests.conftest import build_args, write_jsonl
 from tests.tiny_bert import WORDS, label_of
-from training import Example, TrainConfig, train
-from training.data import held_out_score, split
-from training.heads import load_for_training
-from training.masking import IGNORE, mask_batch
-from transforms.records import LogFields
 
 FAST = ["--dtype", "fp32", "--threads", "1", "--lr", "1e-2", "--warmup", "0.1", "--batch-tokens", "1024"]
 PII = ["call +1 (555) 123-4567", "mail jane.doe@example.com"]
@@ -68,7 +68,7 @@ def tuned(tiny_bert, tmp_path_factory, cli_module):
 def cli_module():
     from click.testing import CliRunner
 
-    from runners.cli import main
+    from querycache.runners.cli import main
 
     runner = CliRunner()
     return lambda *args: runner.invoke(main, [str(a) for a in args], catch_exceptions=False)

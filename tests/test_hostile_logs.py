@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from store import Snapshot, normalize
+from querycache.store import Snapshot, normalize
 from tests.conftest import build_args
 from tests.tiny_bert import WORDS
 

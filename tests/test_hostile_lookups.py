@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from store import ReadThroughCache, Snapshot
-from store.keys import is_query, normalize
+from querycache.store import ReadThroughCache, Snapshot
+from querycache.store.keys import is_query, normalize
 from tests.store_helpers import make_snapshot
 
 STORED = ["hotels in rome", "weather berlin", "ß straße", "日本 東京", "x" * 600]  # the last is hashed

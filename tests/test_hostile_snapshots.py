@@ -9,11 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from inference.fingerprint import fingerprint
-from inference.model import ModelError, check_model_dir
-from store import Snapshot, SnapshotError, current_id
-from store.format import verify_snapshot
-from store.publish import CURRENT, SNAPSHOTS
+from querycache.inference.fingerprint import fingerprint
+from querycache.inference.model import ModelError, check_model_dir
+from querycache.store import Snapshot, SnapshotError, current_id
+from querycache.store.format import verify_snapshot
+from querycache.store.publish import CURRENT, SNAPSHOTS
 from tests.store_helpers import make_snapshot
 
 EMBED = {"encoding": "float32", "dim": 4}

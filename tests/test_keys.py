@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from store.keys import MAX_KEY_BYTES, key_bytes, normalize, query_key, query_keys
+from querycache.store.keys import MAX_KEY_BYTES, key_bytes, normalize, query_key, query_keys
 
 
 @settings(max_examples=3000)
@@ -18,7 +18,7 @@ def test_normalize_is_total_and_idempotent(text):
 
 @given(st.text(alphabet=st.characters(codec="ascii"), max_size=40))
 def test_ascii_fast_path_matches_the_general_rules(text):
-    from store.keys import _one_pass
+    from querycache.store.keys import _one_pass
 
     assert normalize(text) == _one_pass(text)
 

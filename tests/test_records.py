@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transforms.normalize import check_query
-from transforms.privacy import luhn_valid, pii_reason
-from transforms.records import LogFields, decompressed, format_of, parse_stream
-from transforms.selection import Selection, plan_head
+from querycache.transforms.normalize import check_query
+from querycache.transforms.privacy import luhn_valid, pii_reason
+from querycache.transforms.records import LogFields, decompressed, format_of, parse_stream
+from querycache.transforms.selection import Selection, plan_head
 
 
 def parse(name: str, data: bytes, **fields):

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from inference import Engine, EngineConfig
-from store import Snapshot, current_id, gc
-from store.publish import SNAPSHOTS
-from store.writer import write_snapshot
+from querycache.inference import Engine, EngineConfig
+from querycache.store import Snapshot, current_id, gc
+from querycache.store.publish import SNAPSHOTS
+from querycache.store.writer import write_snapshot
 from tests import load_reader
 from tests.tiny_bert import WORDS
 
@@ -41,7 +41,7 @@ def write_logs(path: Path, lines: int, seed: int) -> Path:
 
 def build_command(logs: Path, out: Path, model: Path) -> list[str]:
     args = ["build", "--logs", str(logs), "--out", str(out), "--model", str(model), "--dtype", "fp32", "--json"]
-    return [sys.executable, "-m", "runners.cli", *args, "--streams", "1"]
+    return [sys.executable, "-m", "querycache", *args, "--streams", "1"]
 
 
 def run_build(logs, out, model, **kw) -> subprocess.CompletedProcess:

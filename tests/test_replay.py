@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from store import Snapshot, normalize
+from querycache.store import Snapshot, normalize
 from tests.conftest import build_args, write_jsonl
 from tests.test_build import BAD_JSONL, BAD_REASONS, PII
 from tests.test_distributed import remote_snapshot, s3, vectors  # noqa: F401 (s3 is a fixture)
@@ -72,7 +72,7 @@ class Replayed(NamedTuple):
 
 @pytest.fixture(scope="module")
 def replayed(tiny_bert, tmp_path_factory) -> Replayed:
-    from runners.cli import main
+    from querycache.runners.cli import main
 
     tmp = tmp_path_factory.mktemp("replay")
     day1, day2 = make_day(1, 0), make_day(2, 6)
@@ -134,7 +134,7 @@ def test_every_figure_equals_a_plain_python_replay(replayed):
 
 
 def test_summary_reads_as_sentences(replayed):
-    from runners.replay import summary
+    from querycache.runners.replay import summary
 
     text = summary(replayed.figures, "report.html")
     assert f"traffic hit rate  {100 * replayed.figures['traffic_hit_rate']:.1f}%" in text
@@ -186,7 +186,7 @@ def test_report_renders_in_headless_chromium_with_title_and_plot(replayed, tmp_p
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(replayed, tmp_path, change, message):
-    from runners.cli import main
+    from querycache.runners.cli import main
 
     if change.get("SNAPSHOT") == "CORRUPT":
         with Snapshot.open(replayed.root) as snap:
@@ -205,7 +205,7 @@ def test_user_mistakes_exit_2_with_one_line(replayed, tmp_path, change, message)
 
 
 def test_a_build_that_reuses_every_result_keeps_the_measured_cost(replayed, tiny_bert):
-    from runners.cli import main
+    from querycache.runners.cli import main
 
     with Snapshot.open(replayed.root) as snap:  # an open snapshot would keep its LMDB from the next build
         first = snap.manifest
@@ -226,7 +226,7 @@ def test_a_build_that_reuses_every_result_keeps_the_measured_cost(replayed, tiny
 
 
 def test_a_snapshot_on_s3_replays_like_a_local_one(s3, tmp_path):  # noqa: F811 (the fixture)
-    from runners.cli import main
+    from querycache.runners.cli import main
 
     root = f"{s3['bucket']}/replay-{tmp_path.name}"
     remote_snapshot(tmp_path, root, vectors(30, 1), s3)  # keys "query 0".."query 29", ranked in that order

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from store import ReadThroughCache, Snapshot, SnapshotError, current_id, gc, list_snapshots, rollback
-from store.format import check_files, read_manifest
+from querycache.store import ReadThroughCache, Snapshot, SnapshotError, current_id, gc, list_snapshots, rollback
+from querycache.store.format import check_files, read_manifest
 from tests.store_helpers import make_snapshot
 
 EMBED = {"encoding": "float32", "dim": 4}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from inference.fingerprint import model_files
+from querycache.inference.fingerprint import model_files
 
 _IRRELEVANT = ("checkpoint_every", "device", "threads")
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from inference.batching import token_budget_batches
+from querycache.inference.batching import token_budget_batches
 
 
 def masked_logits(model, inputs: dict, positions: torch.Tensor) -> torch.Tensor:

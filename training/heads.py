@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, PreTrainedModel
 
-from inference.model import ModelError, check_model_dir, load_tokenizer
+from querycache.inference.model import ModelError, check_model_dir, load_tokenizer
 
 _LOAD = {"local_files_only": True, "trust_remote_code": False, "use_safetensors": True, "output_loading_info": True}
 

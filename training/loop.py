@@ -21,13 +21,13 @@ from typing import NamedTuple
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from inference.device import resolve_device, resolve_dtype
-from training.checkpoint import Checkpoint, signature
-from training.data import Example, data_fingerprint, labels_of, sampling_weights, split
-from training.evaluate import evaluate_classifier, evaluate_mlm, masked_logits
-from training.heads import load_for_training
-from training.masking import IGNORE, mask_batch
-from training.output import save_model
+from querycache.inference.device import resolve_device, resolve_dtype
+from querycache.training.checkpoint import Checkpoint, signature
+from querycache.training.data import Example, data_fingerprint, labels_of, sampling_weights, split
+from querycache.training.evaluate import evaluate_classifier, evaluate_mlm, masked_logits
+from querycache.training.heads import load_for_training
+from querycache.training.masking import IGNORE, mask_batch
+from querycache.training.output import save_model
 
 log = logging.getLogger(__name__)
 

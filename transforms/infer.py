@@ -19,13 +19,13 @@ from apache_beam.utils import shared
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from inference.engine import Engine
-from store import fs
-from store.format import encode_value
-from store.remote import SnapshotRef
-from transforms.model_stage import ShippedModel, stage
-from transforms.progress import Ticker
-from transforms.stats import sum_dicts
+from querycache.inference.engine import Engine
+from querycache.store import fs
+from querycache.store.format import encode_value
+from querycache.store.remote import SnapshotRef
+from querycache.transforms.model_stage import ShippedModel, stage
+from querycache.transforms.progress import Ticker
+from querycache.transforms.stats import sum_dicts
 
 log = logging.getLogger(__name__)
 REUSED, STATS, UNANSWERED = "reused", "stats", "unanswered"

@@ -23,10 +23,10 @@ from typing import NamedTuple
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from inference.engine import Engine, EngineConfig
-from inference.fingerprint import model_files
-from inference.model import ModelError, default_model_dir
-from store import fs
+from querycache.inference.engine import Engine, EngineConfig
+from querycache.inference.fingerprint import model_files
+from querycache.inference.model import ModelError, default_model_dir
+from querycache.store import fs
 
 CACHE = os.path.join(tempfile.gettempdir(), "querycache-models")
 

@@ -6,9 +6,9 @@ import re
 
 import apache_beam as beam
 
-from inference.template import has_mask
-from store.keys import is_query, normalize
-from transforms.records import rejection
+from querycache.inference.template import has_mask
+from querycache.store.keys import is_query, normalize
+from querycache.transforms.records import rejection
 
 REJECTED = "rejected"
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x80-\x9f]")  # C0/C1 controls except tab

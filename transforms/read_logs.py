@@ -9,8 +9,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from transforms.progress import Ticker
-from transforms.records import TRUNCATED, LogFields, decompressed, parse_stream, printable_path, rejection
+from querycache.transforms.progress import Ticker
+from querycache.transforms.records import TRUNCATED, LogFields, decompressed, parse_stream, printable_path, rejection
 
 log = logging.getLogger(__name__)
 REJECTED, LINES = "rejected", "lines"

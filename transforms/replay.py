@@ -20,9 +20,9 @@ import apache_beam as beam
 from apache_beam.io.parquetio import ReadAllFromParquet
 from apache_beam.pvalue import AsSingleton
 
-from store.keys import key_bytes
-from transforms.select_head import SmallestKeys
-from transforms.selection import Selection, plan_head
+from querycache.store.keys import key_bytes
+from querycache.transforms.select_head import SmallestKeys
+from querycache.transforms.selection import Selection, plan_head
 
 STORED, CUT, TIED = "stored", "cut", "tied"
 

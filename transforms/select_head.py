@@ -13,10 +13,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton
 
-from store.keys import key_bytes
-from transforms.privacy import pii_reason
-from transforms.progress import tick
-from transforms.selection import Selection, plan_head
+from querycache.store.keys import key_bytes
+from querycache.transforms.privacy import pii_reason
+from querycache.transforms.progress import tick
+from querycache.transforms.selection import Selection, plan_head
 
 DROPPED, TIED = "dropped", "tied"
 log = logging.getLogger(__name__)

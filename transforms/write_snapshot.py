@@ -34,12 +34,12 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from store import fs
-from store.format import EMBED_DTYPES, MANIFEST, lmdb_shard_path, shard_of
-from store.keys import key_bytes
-from store.remote import SnapshotRef
-from store.writer import complete_manifest, write_shard
-from transforms.progress import tick
+from querycache.store import fs
+from querycache.store.format import EMBED_DTYPES, MANIFEST, lmdb_shard_path, shard_of
+from querycache.store.keys import key_bytes
+from querycache.store.remote import SnapshotRef
+from querycache.store.writer import complete_manifest, write_shard
+from querycache.transforms.progress import tick
 
 log = logging.getLogger(__name__)
 ATTEMPTS, SPILL = "attempts", "spill"

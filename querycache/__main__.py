@@ -1,0 +1,5 @@
+"""``python -m querycache``: the same command line as ``querycache``."""
+
+from querycache.runners.cli import main
+
+main(prog_name="querycache")
