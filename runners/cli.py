@@ -8,7 +8,15 @@ from typing import Any
 import click
 
 from querycache.runners import finetune, manage, replay, views
-from querycache.runners.common import GLOB_HINT, UserError, echo_json, passed_on, print_version, setup_logging
+from querycache.runners.common import (
+    GLOB_HINT,
+    UserError,
+    echo_json,
+    passed_on,
+    print_version,
+    require_pipelines,
+    setup_logging,
+)
 from querycache.runners.inputs import check_inputs, head_selection, input_options, log_fields
 from querycache.runners.progress import progress_display
 from querycache.store import SnapshotError
@@ -111,6 +119,7 @@ def build(**kw: Any) -> None:
       querycache build --logs 'logs/2026-11-*.jsonl.gz' --out /data/qc --top-k 100000
       querycache build --logs q.csv --query-field q --out /data/qc --runner multiprocess -- --direct_num_workers=4
     """
+    require_pipelines("build")
     setup_logging(kw["quiet"])
     picked = check_inputs(kw)
     from querycache.inference.model import ModelError
@@ -190,6 +199,7 @@ def model_info(model_dir: str | None, as_json: bool) -> None:
     Example:
       querycache model-info ./models/my-bert
     """
+    require_pipelines("model-info")
     setup_logging(True)
     from querycache.inference.engine import describe_model
     from querycache.inference.model import ModelError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import platform
@@ -50,6 +51,20 @@ def stray_argument(args: Sequence[str]) -> str | None:
         else:
             return arg
     return None
+
+
+PIPELINES_EXTRA = ("apache_beam", "torch", "transformers", "safetensors", "orjson", "matplotlib")
+"""What ``pip install 'querycache[pipelines]'`` adds to the light install, by import name."""
+
+
+def require_pipelines(command: str) -> None:
+    """Exit 2 with one line where the light install lacks what ``command`` runs on (found, not imported)."""
+    missing = [name for name in PIPELINES_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(
+            f"querycache {command} needs the pipelines extra (missing: {', '.join(missing)}): "
+            "pip install 'querycache[pipelines]'"
+        )
 
 
 def setup_logging(quiet: bool) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from querycache.runners import human
-from querycache.runners.common import GLOB_HINT, UserError, echo_json, passed_on, setup_logging
+from querycache.runners.common import GLOB_HINT, UserError, echo_json, passed_on, require_pipelines, setup_logging
 from querycache.runners.inputs import check_inputs, head_selection, input_options, log_fields
 
 
@@ -56,6 +56,7 @@ def finetune(**kw: Any) -> None:
       querycache finetune --logs labelled.csv --task classify --label-field intent --model base --out models/intent
       querycache build --logs 'logs/*.jsonl.gz' --model models/ours --task fill-mask --out /data/qc
     """
+    require_pipelines("finetune")
     setup_logging(kw["quiet"])
     picked = check_inputs(kw)
     if kw["task"] == "classify" and not kw["label_field"]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from querycache.runners.common import UserError
+from querycache.runners.common import UserError, require_pipelines
 
 
 def _fraction(ctx, param, value):
@@ -21,6 +21,7 @@ def _fraction(ctx, param, value):
 def _iso(ctx, param, value):
     if value is None:
         return None
+    require_pipelines(ctx.info_name)  # parsed before the command runs, with the parsers of the pipelines
     from querycache.transforms.records import parse_time
 
     try:

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from querycache.runners import human
-from querycache.runners.common import GLOB_HINT, UserError, echo_json, passed_on, setup_logging
+from querycache.runners.common import GLOB_HINT, UserError, echo_json, passed_on, require_pipelines, setup_logging
 from querycache.runners.inputs import log_fields, log_input_options
 from querycache.store import SnapshotError
 
@@ -40,6 +40,7 @@ def replay(**kw: Any) -> None:
       querycache replay /data/qc --logs 'logs/2026-11-03.jsonl.gz' --report replay.html
       querycache replay /data/qc --logs day3.csv --query-field q --count-field n --json
     """
+    require_pipelines("replay")
     setup_logging(kw["quiet"])
     if kw["min_users"] and not kw["user_field"]:
         raise UserError("--min-users needs --user-field, the field that identifies users")
