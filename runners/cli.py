@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from querycache.runners import finetune, manage, replay, views
+from querycache.runners import finetune, manage, replay, serve, views
 from querycache.runners.common import (
     GLOB_HINT,
     UserError,
@@ -216,7 +216,7 @@ def model_info(model_dir: str | None, as_json: bool) -> None:
 
 for command in (
     manage.inspect, manage.lookup, manage.verify, manage.list_, manage.rollback_, manage.gc_, manage.pull_,
-    finetune.finetune, replay.replay,
+    finetune.finetune, replay.replay, serve.serve,
 ):  # fmt: skip
     main.add_command(command)
 

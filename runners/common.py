@@ -58,12 +58,17 @@ PIPELINES_EXTRA = ("apache_beam", "torch", "transformers", "safetensors", "orjso
 
 
 def require_pipelines(command: str) -> None:
-    """Exit 2 with one line where the light install lacks what ``command`` runs on (found, not imported)."""
-    missing = [name for name in PIPELINES_EXTRA if importlib.util.find_spec(name) is None]
+    """Exit 2 with one line where the light install lacks what ``command`` runs on."""
+    require_extra(command, "pipelines", PIPELINES_EXTRA)
+
+
+def require_extra(command: str, extra: str, modules: tuple[str, ...]) -> None:
+    """Exit 2 with one line naming ``extra`` where any of ``modules`` is missing (found, not imported)."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
         raise UserError(
-            f"querycache {command} needs the pipelines extra (missing: {', '.join(missing)}): "
-            "pip install 'querycache[pipelines]'"
+            f"querycache {command} needs the {extra} extra (missing: {', '.join(missing)}): "
+            f"pip install 'querycache[{extra}]'"
         )
 
 

@@ -22,7 +22,7 @@ import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from querycache.store.format import SnapshotError
 from querycache.store.keys import normalize_all, not_text
@@ -32,6 +32,15 @@ from querycache.store.snapshot import Snapshot
 log = logging.getLogger(__name__)
 Fallback = Callable[[list[str]], Sequence[Any]]
 _caches: weakref.WeakSet = weakref.WeakSet()
+
+
+class Lookup(NamedTuple):
+    """Results of :meth:`ReadThroughCache.lookup`: in query order, how many of them came from the
+    snapshot, and its id (None when no snapshot answered: none published, or another model version)."""
+
+    results: list[Any]
+    hits: int
+    snapshot_id: str | None
 
 
 class ReadThroughCache:
@@ -97,6 +106,10 @@ class ReadThroughCache:
         A query whose key is empty (``""``, whitespace) is None, counted as ``invalid``, never sent to
         the fallback. Anything but a list of ``str`` is a ``TypeError``.
         """
+        return self.lookup(queries).results
+
+    def lookup(self, queries: Sequence[str]) -> Lookup:
+        """:meth:`get_many`, with how many results came from the snapshot and which snapshot that was."""
         start = time.perf_counter()
         self._maybe_reload()
         keys = normalize_all(queries)
@@ -105,6 +118,7 @@ class ReadThroughCache:
             found = [snap.get_key(k) for k in keys] if usable else [None] * len(keys)
         finally:
             self._release(snap)
+        hits = sum(value is not None for value in found)  # not found.count(None): == on an array is elementwise
         results: list[Any] = [None] * len(keys)
         missing: dict[str, list[int]] = {}
         with self._lock:
@@ -127,7 +141,7 @@ class ReadThroughCache:
                     results[i] = value
         with self._lock:
             self._seconds["lookup_seconds"] += time.perf_counter() - start
-        return results
+        return Lookup(results, hits, snap.id if usable else None)
 
     def _lease(self) -> tuple[Snapshot | None, bool]:
         """The serving snapshot, held open until :meth:`_release`."""

@@ -19,7 +19,7 @@ import pytest
 from tests.store_helpers import make_snapshot
 
 ROOT = Path(__file__).parents[1]
-ROOMS = ("store", "inference", "training", "transforms", "pipelines", "runners")
+ROOMS = ("store", "inference", "training", "transforms", "pipelines", "runners", "serve")
 HEAVY = ("apache_beam", "torch", "transformers")
 
 
@@ -106,16 +106,18 @@ def test_the_snapshot_commands_run_in_the_light_install(light, snapshot_root, co
         ["replay", "root", "--logs", "q.jsonl"],
         ["finetune", "--logs", "q.jsonl", "--out", "model"],
         ["model-info"],
+        ["serve", "root"],
     ],
-    ids=["build", "build-since", "replay", "finetune", "model-info"],
+    ids=["build", "build-since", "replay", "finetune", "model-info", "serve"],
 )
 def test_heavy_commands_name_their_extra_in_the_light_install(light, tmp_path, args):
     done = _run(light / "querycache", *args, cwd=tmp_path)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     (line,) = done.stderr.strip().splitlines()
-    assert f"querycache {args[0]} needs the pipelines extra" in line
-    assert "pip install 'querycache[pipelines]'" in line
+    extra = "serve" if args[0] == "serve" else "pipelines"
+    assert f"querycache {args[0]} needs the {extra} extra" in line
+    assert f"pip install 'querycache[{extra}]'" in line
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ROOMS = ("store", "inference", "training", "transforms", "pipelines", "runners")
+ROOMS = ("store", "inference", "training", "transforms", "pipelines", "runners", "serve")
 HEAVY = ("apache_beam", "torch", "transformers")
 MAY_IMPORT = {  # rooms and heavy libraries, as the README's folder table says
     "store": set(),
@@ -23,6 +23,7 @@ MAY_IMPORT = {  # rooms and heavy libraries, as the README's folder table says
     "transforms": {"store", "inference", "apache_beam"},
     "pipelines": {"store", "inference", "training", "transforms", "apache_beam"},
     "runners": {*ROOMS, *HEAVY} - {"runners", "torch", "transformers"},
+    "serve": {"store", "inference"},
 }
 
 
@@ -53,6 +54,7 @@ def test_each_room_imports_what_the_readme_table_says(room):
     [
         ("querycache.store", HEAVY),
         ("querycache.inference.engine", ("apache_beam",)),
+        ("querycache.serve", ("apache_beam",)),
         ("querycache.runners.cli", HEAVY),  # the light install's command line
     ],
 )

@@ -1,0 +1,50 @@
+"""``querycache serve``: the HTTP sidecar on uvicorn (httptools, uvloop)."""
+
+from __future__ import annotations
+
+import click
+
+from querycache.runners.common import UserError, require_extra, setup_logging
+
+
+@click.command()
+@click.argument("root", type=click.Path(file_okay=False))
+@click.option("--model", "model_dir", help="Fallback model directory (default: the snapshot's, else the shipped one).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=3000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N for misses.")
+@click.option(
+    "--max-client-batch-size", default=32, show_default=True, type=click.IntRange(1), help="Inputs per request."
+)
+@click.option("--payload-limit", default=2_000_000, show_default=True, type=click.IntRange(1), help="Body bytes.")
+@click.option(
+    "--allow-model-mismatch",
+    is_flag=True,
+    help="Start even when the model is not the snapshot's model version; every answer then comes from the model.",
+)
+@click.option("--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+def serve(root: str, model_dir: str | None, host: str, port: int, device: str, quiet: bool, **kw) -> None:
+    """Answer TEI-style HTTP requests from ROOT's current snapshot; misses go to the model.
+
+    ROOT is a local snapshot root: a snapshot published into it is served without a restart.
+    Routes: POST /embed, GET /health, GET /info.
+
+    \b
+    Example:
+      querycache serve demo-root --port 3000
+      curl -s localhost:3000/embed -H 'content-type: application/json' -d '{"inputs": ["hotels in rome"]}'
+    """
+    require_extra("serve", "serve", ("starlette", "uvicorn", "orjson", "torch", "transformers"))
+    setup_logging(quiet)
+    import uvicorn
+
+    from querycache.inference.model import ModelError
+    from querycache.serve import Limits, ModelMismatchError, create_app, load_service
+    from querycache.store import SnapshotError
+
+    try:
+        service = load_service(root, model_dir, device=device, allow_model_mismatch=kw.pop("allow_model_mismatch"))
+    except (ModelMismatchError, ModelError, SnapshotError) as err:
+        raise UserError(str(err)) from None
+    app = create_app(service, Limits(**kw))
+    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", log_level="warning" if quiet else "info")

@@ -1,0 +1,107 @@
+"""What the routes answer from: the snapshot root's read-through cache and the engine its misses go to.
+
+The engine is configured from the current snapshot's manifest (task, dtype, pooling, normalisation,
+maximum length, template, top-k), so that its fingerprint, the model version, can equal the
+snapshot's. When it does not, the service refuses to start, or (``allow_model_mismatch``) answers
+everything from the model and says so: answers of two model versions are never mixed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from querycache.inference import Engine, EngineConfig
+from querycache.store import ReadThroughCache, SnapshotError
+from querycache.store.cache import Lookup
+from querycache.store.format import read_manifest
+from querycache.store.publish import resolve
+
+log = logging.getLogger(__name__)
+SETTINGS = ("task", "dtype", "max_length", "pooling", "normalize", "template", "top_k")  # of a manifest's model
+
+
+class ModelMismatchError(Exception):
+    """The fallback model is not the model version the snapshot was built with."""
+
+
+@dataclass
+class Service:
+    """A root's cache with its engine: ``service.lookup(["hotels in rome"])``."""
+
+    cache: ReadThroughCache
+    engine: Engine
+    model_matches: bool
+
+    @property
+    def task(self) -> str:
+        return self.engine.config.task
+
+    def lookup(self, queries: list[str]) -> Lookup:
+        """Answers in order (misses computed by the engine), how many came from the snapshot, and its id."""
+        return self.cache.lookup(queries)
+
+    def ready(self) -> bool:
+        """Whether a snapshot is being served (or, with a model mismatch allowed, the model answers)."""
+        metrics = self.cache.metrics()
+        return metrics["snapshot_id"] is not None and (metrics["snapshot_in_use"] or not self.model_matches)
+
+    def info(self) -> dict[str, Any]:
+        metrics = self.cache.metrics()
+        return {
+            "model_id": str(self.engine.model_dir),
+            "model_fingerprint": self.engine.fingerprint,
+            "model_dtype": self.engine.dtype,
+            "task": self.task,
+            "snapshot_id": metrics["snapshot_id"],
+            "snapshot_in_use": metrics["snapshot_in_use"],
+            "max_input_length": self.engine.max_length,
+            "max_batch_tokens": self.engine.token_budget,
+        }
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def engine_config(model: dict, model_dir: str | None, device: str) -> EngineConfig:
+    """The engine a manifest's ``model`` block describes, loaded from ``model_dir`` on ``device``."""
+    given = {name: model[name] for name in SETTINGS if model.get(name) is not None}
+    return EngineConfig(model_dir=model_dir, device=device, **given)
+
+
+def load_service(
+    root: str | os.PathLike,
+    model_dir: str | None = None,
+    *,
+    device: str = "auto",
+    allow_model_mismatch: bool = False,
+) -> Service:
+    """Open ``root`` (a snapshot root: hot reload follows its ``CURRENT``) and load the fallback model.
+
+    ``model_dir`` defaults to the directory the snapshot's manifest names, where it exists here,
+    else the shipped default model. Raises :class:`ModelMismatchError` (one line) when that model's
+    fingerprint is not the snapshot's, unless ``allow_model_mismatch``.
+    """
+    try:
+        manifest = read_manifest(resolve(root))
+    except SnapshotError as err:
+        raise SnapshotError(f"{err}; serve needs a root with a published snapshot") from None
+    model = manifest["model"]
+    if model_dir is None and model.get("model_dir") and os.path.isdir(model["model_dir"]):
+        model_dir = model["model_dir"]
+    engine = Engine(engine_config(model, model_dir, device))
+    matches = engine.fingerprint == model["fingerprint"]
+    if not matches:
+        words = (
+            f"the model in {engine.model_dir} ({engine.fingerprint[:12]}) is not the model version of snapshot "
+            f"{manifest['snapshot_id']} ({model['fingerprint'][:12]}, built from {model.get('model_dir')})"
+        )
+        if not allow_model_mismatch:
+            raise ModelMismatchError(
+                f"{words}: pass --model with the snapshot's model, or --allow-model-mismatch to answer "
+                "every request from the model"
+            )
+        log.warning("%s: answering every request from the model, none from the snapshot", words)
+    return Service(ReadThroughCache(root, fallback=engine), engine, matches)

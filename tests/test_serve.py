@@ -1,0 +1,162 @@
+"""``querycache serve`` for real: the uvicorn server in another process on loopback, spoken to over HTTP.
+
+The snapshot is a real build of the tiny BERT; answers are checked against ``Snapshot.get`` (hits,
+exact) and the engine (misses, within the fidelity gate).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from querycache.inference import Engine, EngineConfig
+from querycache.inference.model import default_model_dir
+from querycache.runners.cli import main
+from querycache.store import Snapshot, normalize
+from tests.conftest import build_args, write_jsonl
+from tests.test_distributed import _free_port
+
+STORED = ["hotels in rome", "cheap flights to paris", "weather berlin today", "red shoes"]
+MISSES = ["blue shirt near me", "pizza recipe"]
+MINILM = str(default_model_dir())  # the shipped model: not the tiny BERT the snapshot was built with
+
+
+@pytest.fixture(scope="module")
+def root(tiny_bert, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    log = write_jsonl(tmp / "q.jsonl", [{"query": q.upper() if i % 2 else q} for i, q in enumerate(STORED)])
+    result = CliRunner().invoke(main, build_args(str(log), str(tmp / "root"), str(tiny_bert)))
+    assert result.exit_code == 0, result.output
+    return tmp / "root"
+
+
+def _serve(root, *args: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    command = [sys.executable, "-m", "querycache", "serve", str(root), "--port", str(port), "--quiet", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve exited with {process.returncode}: {process.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise TimeoutError("serve did not become healthy in 90 s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(20)
+
+
+@pytest.fixture(scope="module")
+def server(root, tiny_bert):
+    process, url = _serve(root, "--model", str(tiny_bert))
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+    _stop(process)
+
+
+def _unit(vectors) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float64)
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+def test_hits_are_the_snapshot_answers_and_say_so_in_headers(server, root):
+    queries = ["Hotels in ROME", "  cheap FLIGHTS to paris", "red shoes"]
+    response = server.post("/embed", json={"inputs": queries})
+    assert response.status_code == 200, response.text
+    with Snapshot.open(root) as snap:
+        expected = [snap.get(q) for q in queries]
+        assert response.headers["x-querycache-snapshot"] == snap.id
+    assert response.headers["x-querycache-hits"] == "3"
+    np.testing.assert_allclose(response.json(), _unit(expected), rtol=1e-6, atol=1e-7)
+    raw = server.post("/embed", json={"inputs": "red shoes", "normalize": False}).json()
+    np.testing.assert_allclose(raw, [expected[2]], rtol=1e-6)
+
+
+def test_misses_come_from_the_snapshots_model_version(server, root, tiny_bert):
+    with Snapshot.open(root) as snap:
+        model = snap.manifest["model"]
+    engine = Engine(EngineConfig(model_dir=str(tiny_bert), dtype=model["dtype"], device="cpu"))
+    assert engine.fingerprint == model["fingerprint"]
+    response = server.post("/embed", json={"inputs": [MISSES[0], STORED[0], MISSES[1]]})
+    assert response.status_code == 200 and response.headers["x-querycache-hits"] == "1"
+    got = _unit(response.json())
+    want = _unit(engine([normalize(MISSES[0]), STORED[0], normalize(MISSES[1])]))
+    assert (got * want).sum(axis=1).min() >= 0.999
+
+
+def test_health_and_info(server, root, tiny_bert):
+    assert server.get("/health").status_code == 200
+    info = server.get("/info").json()
+    with Snapshot.open(root) as snap:
+        assert (info["snapshot_id"], info["model_fingerprint"]) == (snap.id, snap.manifest["model"]["fingerprint"])
+    assert info["task"] == "embed" and info["snapshot_in_use"] and info["max_client_batch_size"] == 32
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error_type"),
+    [
+        (b"{broken", 422, "Validation"),
+        (b"[1, 2]", 422, "Validation"),
+        (b'{"inputs": 7}', 422, "Validation"),
+        (b'{"inputs": ["ok", null]}', 422, "Validation"),
+        (b'{"inputs": []}', 400, "Empty"),
+        (b'{"inputs": ["fine", "   "]}', 400, "Empty"),
+        (b'{"inputs": "\\u200b\\u200d"}', 400, "Empty"),
+        (b'{"inputs": "rome", "normalize": "yes"}', 422, "Validation"),
+        (json.dumps({"inputs": ["q"] * 33}).encode(), 422, "Validation"),
+        (json.dumps({"inputs": "x" * 3_000_000}).encode(), 413, "Validation"),
+        (b'{"inputs": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", 422, "Validation"),
+    ],
+    ids=["malformed", "not-object", "number", "null-item", "empty-list", "blank", "zero-width", "bad-flag",
+         "over-batch", "over-payload", "deep-nesting"],
+)  # fmt: skip
+def test_bad_requests_are_a_json_4xx_and_the_server_lives_on(server, body, status, error_type):
+    response = server.post("/embed", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert response.json()["error_type"] == error_type and response.json()["error"]
+    assert server.get("/health").status_code == 200
+
+
+def test_lone_surrogates_and_controls_are_normalised_not_refused(server, root):
+    body = b'{"inputs": ["\\ud800Hotels\\u0000in\\tROME"]}'
+    response = server.post("/embed", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 200 and response.headers["x-querycache-hits"] == "1"
+
+
+def test_a_model_that_is_not_the_snapshots_version_is_refused_in_one_line(root):
+    done = subprocess.run(
+        [sys.executable, "-m", "querycache", "serve", str(root), "--port", str(_free_port()), "--model", MINILM],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "is not the model version of snapshot" in line and "--allow-model-mismatch" in line
+
+
+def test_allowing_the_mismatch_answers_everything_from_the_model_and_says_so(root):
+    process, url = _serve(root, "--allow-model-mismatch", "--model", MINILM)
+    try:
+        info = httpx.get(f"{url}/info").json()
+        assert not info["snapshot_in_use"]
+        response = httpx.post(f"{url}/embed", json={"inputs": STORED[:2]}, timeout=60)
+        assert response.status_code == 200 and response.headers["x-querycache-hits"] == "0"
+        assert len(response.json()[0]) == 384  # the shipped MiniLM answered, not the tiny BERT's snapshot
+    finally:
+        _stop(process)
