@@ -156,6 +156,10 @@ class Engine:
         """Results for ``queries`` in order (None for a fill-mask input whose mask was cut off)."""
         return self.run(queries)[0]
 
+    def count_tokens(self, queries: list[str]) -> list[int]:
+        """Tokens the model reads for each query (template applied, truncated at the maximum length)."""
+        return [len(encoding.ids) for encoding in self._encoder.encode_batch(self._texts(queries))]
+
     def _texts(self, queries: list[str]) -> list[str]:
         if self.config.task != "fill-mask":
             return queries

@@ -18,16 +18,29 @@ from querycache.runners.common import UserError, require_extra, setup_logging
 )
 @click.option("--payload-limit", default=2_000_000, show_default=True, type=click.IntRange(1), help="Body bytes.")
 @click.option(
+    "--max-concurrent-requests", default=512, show_default=True, type=click.IntRange(1), help="More: 429 at once."
+)
+@click.option("--served-model-name", help="The model name of the OpenAI routes (default: the model directory's).")
+@click.option(
     "--allow-model-mismatch",
     is_flag=True,
     help="Start even when the model is not the snapshot's model version; every answer then comes from the model.",
 )
 @click.option("--quiet", is_flag=True, help="Only warnings and errors on stderr.")
-def serve(root: str, model_dir: str | None, host: str, port: int, device: str, quiet: bool, **kw) -> None:
+def serve(
+    root: str,
+    model_dir: str | None,
+    host: str,
+    port: int,
+    device: str,
+    served_model_name: str | None,
+    quiet: bool,
+    **kw,
+) -> None:
     """Answer TEI-style HTTP requests from ROOT's current snapshot; misses go to the model.
 
     ROOT is a local snapshot root: a snapshot published into it is served without a restart.
-    Routes: POST /embed, GET /health, GET /info.
+    Routes: POST /embed, GET /health, GET /info (TEI); POST /v1/embeddings, GET /v1/models (OpenAI).
 
     \b
     Example:
@@ -46,5 +59,7 @@ def serve(root: str, model_dir: str | None, host: str, port: int, device: str, q
         service = load_service(root, model_dir, device=device, allow_model_mismatch=kw.pop("allow_model_mismatch"))
     except (ModelMismatchError, ModelError, SnapshotError) as err:
         raise UserError(str(err)) from None
-    app = create_app(service, Limits(**kw))
+    model_dir = service.engine.model_dir
+    served_name = served_model_name or (model_dir.parent.name if model_dir.name == "model" else model_dir.name)
+    app = create_app(service, Limits(**kw), served_name)
     uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", log_level="warning" if quiet else "info")

@@ -2,19 +2,25 @@
 
 ``POST /embed`` takes ``{"inputs": str | [str], "normalize": true, "truncate": false}`` and answers
 ``[[float]]``; ``GET /health`` is 200 while a snapshot (or, with a model mismatch allowed, the model)
-answers and 503 otherwise; ``GET /info`` names the model version, snapshot and limits. Every answer
-carries ``x-querycache-hits`` (inputs answered from the snapshot) and ``x-querycache-snapshot``;
-every error is ``{"error", "error_type"}`` with TEI's status codes. Inputs longer than the model's
-maximum are truncated to it (``truncate`` is accepted for compatibility).
+answers and 503 otherwise; ``GET /info`` names the model version, snapshot and limits. OpenAI's
+``POST /v1/embeddings`` (``encoding_format`` float or base64 of little-endian float32, ``usage`` in
+tokens) and ``GET /v1/models`` answer the same vectors, unit length. Every answer carries
+``x-querycache-hits`` (inputs answered from the snapshot) and ``x-querycache-snapshot``; errors are
+``{"error", "error_type"}`` with TEI's status codes, ``{"error": {"message", "type", "param",
+"code"}}`` on OpenAI's routes; a request over the concurrency limit is answered 429 at once. Inputs
+longer than the model's maximum are truncated to it (``truncate`` is accepted for compatibility).
 
 Lookups and the model run on worker threads, so the event loop never waits for either.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,31 +33,30 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from querycache.serve.service import Service
+from querycache.store.cache import Lookup
+from querycache.store.keys import normalize_all
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask: inputs per request (TEI's ``max_client_batch_size``) and body bytes."""
+    """What requests may ask: inputs per request, body bytes, requests at once (TEI's names and defaults)."""
 
     max_client_batch_size: int = 32
     payload_limit: int = 2_000_000
+    max_concurrent_requests: int = 512
 
 
 class ApiError(Exception):
-    """A request the server refuses: HTTP status, TEI's ``error_type`` and a one-line message."""
+    """A request the server refuses: HTTP status, TEI's ``error_type``, a one-line message, the field at fault."""
 
-    def __init__(self, status: int, error_type: str, message: str):
+    def __init__(self, status: int, error_type: str, message: str, param: str | None = None):
         super().__init__(message)
-        self.status, self.error_type = status, error_type
+        self.status, self.error_type, self.param = status, error_type, param
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     content = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     return Response(content, status, headers, media_type="application/json")
-
-
-def _error(err: ApiError) -> Response:
-    return _json({"error": str(err), "error_type": err.error_type}, err.status)
 
 
 async def _body(request: Request, limits: Limits) -> dict:
@@ -70,19 +75,19 @@ async def _body(request: Request, limits: Limits) -> dict:
     return body
 
 
-def _inputs(body: dict, limits: Limits) -> list[str]:
-    """``inputs`` as a list of strings whose keys are queries, within the client batch limit."""
-    inputs = body.get("inputs")
+def _inputs(inputs: Any, name: str, limits: Limits) -> list[str]:
+    """The request's texts (field ``name``: a string or a list of them) within the client batch limit."""
     inputs = [inputs] if isinstance(inputs, str) else inputs
     if not isinstance(inputs, list) or not all(isinstance(text, str) for text in inputs):
-        raise ApiError(422, "Validation", "`inputs` must be a string or a list of strings")
+        raise ApiError(422, "Validation", f"`{name}` must be a string or a list of strings", name)
     if not inputs:
-        raise ApiError(400, "Empty", "`inputs` is an empty list")
+        raise ApiError(400, "Empty", f"`{name}` is an empty list", name)
     if len(inputs) > limits.max_client_batch_size:
         raise ApiError(
             422,
             "Validation",
             f"{len(inputs)} inputs are over the client batch limit of {limits.max_client_batch_size}",
+            name,
         )
     return inputs
 
@@ -90,56 +95,120 @@ def _inputs(body: dict, limits: Limits) -> list[str]:
 def _flag(body: dict, name: str, default: bool) -> bool:
     value = body.get(name, default)
     if not isinstance(value, bool):
-        raise ApiError(422, "Validation", f"`{name}` must be true or false")
+        raise ApiError(422, "Validation", f"`{name}` must be true or false", name)
     return value
 
 
-def create_app(service: Service, limits: Limits = Limits()) -> Starlette:
-    """The ASGI application serving ``service``; closing it closes the service."""
+def _tei_error(err: ApiError) -> Response:
+    return _json({"error": str(err), "error_type": err.error_type}, err.status)
 
-    async def embed(request: Request) -> Response:
-        start = time.perf_counter()
-        try:
-            if service.task != "embed":
-                raise ApiError(424, "Backend", f"this server answers {service.task}, not embeddings")
-            body = await _body(request, limits)
-            inputs = _inputs(body, limits)
-            normalize_output = _flag(body, "normalize", True)
-            _flag(body, "truncate", False)
-        except ApiError as err:
-            return _error(err)
+
+_OPENAI_TYPES = {"Overloaded": "rate_limit_error", "Unhealthy": "service_unavailable", "Backend": "server_error"}
+
+
+def _openai_error(err: ApiError) -> Response:
+    kind = _OPENAI_TYPES.get(err.error_type, "invalid_request_error")
+    return _json({"error": {"message": str(err), "type": kind, "param": err.param, "code": None}}, err.status)
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def create_app(service: Service, limits: Limits = Limits(), served_name: str = "querycache") -> Starlette:
+    """The ASGI application serving ``service``; closing it closes the service.
+
+    ``served_name`` is the model name the OpenAI routes list and echo (any requested name is accepted).
+    """
+    in_flight = 0  # requests being answered; read and written on the event loop only
+
+    def route(render: Callable[[ApiError], Response]):
+        """A handler that answers an :class:`ApiError` in ``render``'s shape, and 429 when the server is full."""
+
+        def wrap(handler):
+            async def endpoint(request: Request) -> Response:
+                nonlocal in_flight
+                if in_flight >= limits.max_concurrent_requests:
+                    return render(ApiError(429, "Overloaded", "the server is at its concurrent request limit"))
+                in_flight += 1
+                try:
+                    return await handler(request)
+                except ApiError as err:
+                    return render(err)
+                finally:
+                    in_flight -= 1
+
+            return endpoint
+
+        return wrap
+
+    async def embeddings(inputs: list[str]) -> tuple[np.ndarray, Lookup]:
+        """The vectors of ``inputs`` (hits from the snapshot, misses from the model, off the event loop)."""
+        if service.task != "embed":
+            raise ApiError(424, "Backend", f"this server answers {service.task}, not embeddings")
         found = await run_in_threadpool(service.lookup, inputs)
         empty = next((i for i, result in enumerate(found.results) if result is None), None)
         if empty is not None:  # the cache answers None only where a key is empty: no query, no answer
-            return _error(
-                ApiError(400, "Empty", f"inputs[{empty}] is empty once normalised (spaces or invisible only)")
+            raise ApiError(
+                400, "Empty", f"inputs[{empty}] is empty once normalised (spaces or invisible only)", "input"
             )
-        vectors = np.stack(found.results).astype(np.float32, copy=False)
-        if normalize_output:
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        headers = {
+        return np.stack(found.results).astype(np.float32, copy=False), found
+
+    def headers(found: Lookup, start: float) -> dict[str, str]:
+        return {
             "x-querycache-hits": str(found.hits),
             "x-querycache-snapshot": found.snapshot_id or "",
             "x-total-time": str(round((time.perf_counter() - start) * 1000)),
         }
-        return _json(vectors, headers=headers)
+
+    @route(_tei_error)
+    async def embed(request: Request) -> Response:
+        start = time.perf_counter()
+        body = await _body(request, limits)
+        inputs = _inputs(body.get("inputs"), "inputs", limits)
+        normalize_output = _flag(body, "normalize", True)
+        _flag(body, "truncate", False)
+        vectors, found = await embeddings(inputs)
+        return _json(_unit(vectors) if normalize_output else vectors, headers=headers(found, start))
+
+    @route(_openai_error)
+    async def openai_embeddings(request: Request) -> Response:
+        start = time.perf_counter()
+        body = await _body(request, limits)
+        inputs = _inputs(body.get("input"), "input", limits)
+        encoding = body.get("encoding_format", "float")
+        if encoding not in ("float", "base64"):
+            raise ApiError(422, "Validation", "`encoding_format` must be float or base64", "encoding_format")
+        vectors, found = await embeddings(inputs)
+        vectors = _unit(vectors)  # OpenAI's embeddings are unit vectors
+        if body.get("dimensions") not in (None, vectors.shape[1]):
+            raise ApiError(422, "Validation", f"this model answers {vectors.shape[1]} dimensions only", "dimensions")
+        tokens = await run_in_threadpool(service.engine.count_tokens, normalize_all(inputs))
+        if encoding == "base64":  # little-endian float32, as OpenAI's client decodes it
+            rows = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in vectors]
+        else:
+            rows = list(vectors)
+        data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)]
+        usage = {"prompt_tokens": sum(tokens), "total_tokens": sum(tokens)}
+        answer = {"object": "list", "data": data, "model": body.get("model") or served_name, "usage": usage}
+        return _json(answer, headers=headers(found, start))
+
+    async def models(request: Request) -> Response:
+        model = {"id": served_name, "object": "model", "created": 0, "owned_by": "querycache"}
+        return _json({"object": "list", "data": [model]})
 
     async def health(request: Request) -> Response:
         if service.ready():
             return Response(status_code=200)
-        return _error(ApiError(503, "Unhealthy", "no snapshot is being served"))
+        return _tei_error(ApiError(503, "Unhealthy", "no snapshot is being served"))
 
     async def info(request: Request) -> Response:
-        return _json(
-            {
-                **service.info(),
-                "max_client_batch_size": limits.max_client_batch_size,
-                "payload_limit": limits.payload_limit,
-            }
-        )
+        return _json({**service.info(), "served_model_name": served_name, **dataclasses.asdict(limits)})
 
     routes = [
         Route("/embed", embed, methods=["POST"]),
+        Route("/v1/embeddings", openai_embeddings, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/info", info, methods=["GET"]),
     ]

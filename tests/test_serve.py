@@ -6,6 +6,8 @@ exact) and the engine (misses, within the fidelity gate).
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -158,5 +160,60 @@ def test_allowing_the_mismatch_answers_everything_from_the_model_and_says_so(roo
         response = httpx.post(f"{url}/embed", json={"inputs": STORED[:2]}, timeout=60)
         assert response.status_code == 200 and response.headers["x-querycache-hits"] == "0"
         assert len(response.json()[0]) == 384  # the shipped MiniLM answered, not the tiny BERT's snapshot
+    finally:
+        _stop(process)
+
+
+def test_openai_embeddings_in_float_and_base64_with_usage(server, root, tiny_bert):
+    queries = ["Hotels in ROME", MISSES[0]]
+    floats = server.post("/v1/embeddings", json={"input": queries, "model": "anything-at-all"})
+    assert floats.status_code == 200, floats.text
+    body = floats.json()
+    assert body["object"] == "list" and body["model"] == "anything-at-all"
+    assert [(d["object"], d["index"]) for d in body["data"]] == [("embedding", 0), ("embedding", 1)]
+    tei = server.post("/embed", json={"inputs": queries}).json()
+    np.testing.assert_allclose([d["embedding"] for d in body["data"]], tei, rtol=1e-6, atol=1e-7)
+    engine = Engine(EngineConfig(model_dir=str(tiny_bert), dtype="fp32", device="cpu"))
+    tokens = engine.count_tokens([normalize(q) for q in queries])
+    assert body["usage"] == {"prompt_tokens": sum(tokens), "total_tokens": sum(tokens)}
+    packed = server.post("/v1/embeddings", json={"input": queries, "encoding_format": "base64"}).json()
+    decoded = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in packed["data"]]
+    np.testing.assert_array_equal(decoded, np.asarray(tei, dtype=np.float32))
+    one = server.post("/v1/embeddings", json={"input": "red shoes"})
+    assert one.headers["x-querycache-hits"] == "1" and len(one.json()["data"]) == 1
+    (listed,) = server.get("/v1/models").json()["data"]
+    assert listed["id"] == one.json()["model"] == tiny_bert.name
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"input": [1, 2, 3]}, 422, "input"),  # token ids: not supported
+        ({"input": []}, 400, "input"),
+        ({"input": "rome", "encoding_format": "int8"}, 422, "encoding_format"),
+        ({"input": "rome", "dimensions": 7}, 422, "dimensions"),
+        ({"input": " "}, 400, "input"),
+    ],
+)
+def test_openai_errors_are_nested_objects(server, body, status, param):
+    response = server.post("/v1/embeddings", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_requests_over_the_concurrency_limit_are_answered_429_at_once(root, tiny_bert):
+    process, url = _serve(root, "--model", str(tiny_bert), "--max-concurrent-requests", "1")
+    try:
+        slow = {"inputs": [f"{w} {i}" for i, w in enumerate(MISSES * 16)]}  # 32 misses keep the model busy
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                replies = await asyncio.gather(*[client.post("/embed", json=slow) for _ in range(8)])
+            return [reply.status_code for reply in replies]
+
+        codes = asyncio.run(burst())
+        assert 200 in codes and 429 in codes and set(codes) == {200, 429}
+        assert httpx.post(f"{url}/v1/embeddings", json={"input": "rome"}).status_code == 200
     finally:
         _stop(process)
