@@ -10,7 +10,8 @@ tokens) and ``GET /v1/models`` answer the same vectors, unit length. Every answe
 "code"}}`` on OpenAI's routes; a request over the concurrency limit is answered 429 at once. Inputs
 longer than the model's maximum are truncated to it (``truncate`` is accepted for compatibility).
 
-Lookups and the model run on worker threads, so the event loop never waits for either.
+Lookups run on worker threads and misses on the batcher's engine thread (``batcher.py``), so the
+event loop never waits for either.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio.to_thread
 import numpy as np
 import orjson
 from starlette.applications import Starlette
@@ -215,6 +217,8 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        # a request waiting for its misses holds a worker thread: as many threads as requests may be in flight
+        anyio.to_thread.current_default_thread_limiter().total_tokens = limits.max_concurrent_requests
         yield
         service.close()
 

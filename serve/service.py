@@ -1,4 +1,4 @@
-"""What the routes answer from: the snapshot root's read-through cache and the engine its misses go to.
+"""What the routes answer from: the snapshot root's read-through cache and the batcher its misses go to.
 
 The engine is configured from the current snapshot's manifest (task, dtype, pooling, normalisation,
 maximum length, template, top-k), so that its fingerprint, the model version, can equal the
@@ -8,12 +8,14 @@ everything from the model and says so: answers of two model versions are never m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from querycache.inference import Engine, EngineConfig
+from querycache.serve.batcher import Batcher
 from querycache.store import ReadThroughCache, SnapshotError
 from querycache.store.cache import Lookup
 from querycache.store.format import read_manifest
@@ -32,8 +34,12 @@ class Service:
     """A root's cache with its engine: ``service.lookup(["hotels in rome"])``."""
 
     cache: ReadThroughCache
-    engine: Engine
+    batcher: Batcher
     model_matches: bool
+
+    @property
+    def engine(self) -> Engine:
+        return self.batcher.engine
 
     @property
     def task(self) -> str:
@@ -59,10 +65,12 @@ class Service:
             "snapshot_in_use": metrics["snapshot_in_use"],
             "max_input_length": self.engine.max_length,
             "max_batch_tokens": self.engine.token_budget,
+            "miss_rounds": dataclasses.asdict(self.batcher.stats),
         }
 
     def close(self) -> None:
         self.cache.close()
+        self.batcher.close()
 
 
 def engine_config(model: dict, model_dir: str | None, device: str) -> EngineConfig:
@@ -104,4 +112,5 @@ def load_service(
                 "every request from the model"
             )
         log.warning("%s: answering every request from the model, none from the snapshot", words)
-    return Service(ReadThroughCache(root, fallback=engine), engine, matches)
+    batcher = Batcher(engine)
+    return Service(ReadThroughCache(root, fallback=batcher), batcher, matches)

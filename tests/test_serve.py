@@ -217,3 +217,18 @@ def test_requests_over_the_concurrency_limit_are_answered_429_at_once(root, tiny
         assert httpx.post(f"{url}/v1/embeddings", json={"input": "rome"}).status_code == 200
     finally:
         _stop(process)
+
+
+def test_concurrent_misses_share_the_engines_rounds(server):
+    before = server.get("/info").json()["miss_rounds"]
+    requests = [{"inputs": [f"{w} {n}" for w in ("tea", "shop")]} for n in range(24)]  # 48 distinct misses
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=str(server.base_url), timeout=60) as client:
+            return await asyncio.gather(*[client.post("/embed", json=body) for body in requests])
+
+    replies = asyncio.run(burst())
+    assert all(r.status_code == 200 and r.headers["x-querycache-hits"] == "0" for r in replies)
+    after = server.get("/info").json()["miss_rounds"]
+    assert after["queries"] - before["queries"] == 48
+    assert after["rounds"] - before["rounds"] < len(requests) and after["largest"] > 2
