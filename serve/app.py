@@ -10,8 +10,9 @@ tokens) and ``GET /v1/models`` answer the same vectors, unit length. Every answe
 "code"}}`` on OpenAI's routes; a request over the concurrency limit is answered 429 at once. Inputs
 longer than the model's maximum are truncated to it (``truncate`` is accepted for compatibility).
 
-Lookups run on worker threads and misses on the batcher's engine thread (``batcher.py``), so the
-event loop never waits for either.
+Hits are looked up on the event loop (microseconds: the snapshot is memory-mapped); a request with
+misses waits for them on a worker thread while the batcher's engine thread (``batcher.py``) computes
+them, so the event loop never waits for the model.
 """
 
 from __future__ import annotations
@@ -148,7 +149,9 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
         """The vectors of ``inputs`` (hits from the snapshot, misses from the model, off the event loop)."""
         if service.task != "embed":
             raise ApiError(424, "Backend", f"this server answers {service.task}, not embeddings")
-        found = await run_in_threadpool(service.lookup, inputs)
+        cache = service.cache
+        partial = cache.known(inputs)  # hits: microseconds, on the loop itself
+        found = await run_in_threadpool(cache.complete, partial) if partial.missing else cache.complete(partial)
         empty = next((i for i, result in enumerate(found.results) if result is None), None)
         if empty is not None:  # the cache answers None only where a key is empty: no query, no answer
             raise ApiError(

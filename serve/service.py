@@ -17,7 +17,6 @@ from typing import Any
 from querycache.inference import Engine, EngineConfig
 from querycache.serve.batcher import Batcher
 from querycache.store import ReadThroughCache, SnapshotError
-from querycache.store.cache import Lookup
 from querycache.store.format import read_manifest
 from querycache.store.publish import resolve
 
@@ -31,7 +30,7 @@ class ModelMismatchError(Exception):
 
 @dataclass
 class Service:
-    """A root's cache with its engine: ``service.lookup(["hotels in rome"])``."""
+    """A root's read-through cache, whose misses go to the batcher of the snapshot's model version."""
 
     cache: ReadThroughCache
     batcher: Batcher
@@ -44,10 +43,6 @@ class Service:
     @property
     def task(self) -> str:
         return self.engine.config.task
-
-    def lookup(self, queries: list[str]) -> Lookup:
-        """Answers in order (misses computed by the engine), how many came from the snapshot, and its id."""
-        return self.cache.lookup(queries)
 
     def ready(self) -> bool:
         """Whether a snapshot is being served (or, with a model mismatch allowed, the model answers)."""

@@ -43,6 +43,14 @@ class Lookup(NamedTuple):
     snapshot_id: str | None
 
 
+class Partial(NamedTuple):
+    """What :meth:`ReadThroughCache.known` found, and which keys (at which positions) still need the fallback."""
+
+    found: Lookup
+    missing: dict[str, list[int]]
+    started: float
+
+
 class ReadThroughCache:
     """Serve lookups from the current snapshot of ``root``; send misses to ``fallback``."""
 
@@ -110,6 +118,14 @@ class ReadThroughCache:
 
     def lookup(self, queries: Sequence[str]) -> Lookup:
         """:meth:`get_many`, with how many results came from the snapshot and which snapshot that was."""
+        return self.complete(self.known(queries))
+
+    def known(self, queries: Sequence[str]) -> Partial:
+        """The answers the snapshot and the LRU hold, without calling the fallback (so without blocking).
+
+        :meth:`complete` fills in the rest; ``known`` then ``complete`` is :meth:`lookup`. An event
+        loop answers hits itself and sends only a partial with ``missing`` keys to a worker thread.
+        """
         start = time.perf_counter()
         self._maybe_reload()
         keys = normalize_all(queries)
@@ -135,13 +151,19 @@ class ReadThroughCache:
                     self._counts["misses"] += 1
                     missing.setdefault(key, []).append(i)
                 results[i] = value
-        if missing and self.fallback is not None:
-            for key, value in zip(missing, self._call_fallback(list(missing))):
-                for i in missing[key]:
+        missing = missing if self.fallback is not None else {}
+        return Partial(Lookup(results, hits, snap.id if usable else None), missing, start)
+
+    def complete(self, partial: Partial) -> Lookup:
+        """The lookup of :meth:`known`, its missing keys answered by the fallback in one call."""
+        results = partial.found.results
+        if partial.missing:
+            for key, value in zip(partial.missing, self._call_fallback(list(partial.missing))):
+                for i in partial.missing[key]:
                     results[i] = value
         with self._lock:
-            self._seconds["lookup_seconds"] += time.perf_counter() - start
-        return Lookup(results, hits, snap.id if usable else None)
+            self._seconds["lookup_seconds"] += time.perf_counter() - partial.started
+        return partial.found
 
     def _lease(self) -> tuple[Snapshot | None, bool]:
         """The serving snapshot, held open until :meth:`_release`."""
