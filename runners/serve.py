@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
 import click
 
 from querycache.runners.common import UserError, require_extra, setup_logging
@@ -62,4 +65,7 @@ def serve(
     model_dir = service.engine.model_dir
     served_name = served_model_name or (model_dir.parent.name if model_dir.name == "model" else model_dir.name)
     app = create_app(service, Limits(**kw), served_name)
+    # uvicorn drains on SIGTERM (stops accepting, finishes what is in flight), then raises the signal
+    # again with the handler it found: this one, so that a drained shutdown exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", log_level="warning" if quiet else "info")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,10 +25,12 @@ from querycache.inference.model import default_model_dir
 from querycache.runners.cli import main
 from querycache.store import Snapshot, normalize
 from tests.conftest import build_args, write_jsonl
+from tests.store_helpers import make_snapshot
 from tests.test_distributed import _free_port
 
 STORED = ["hotels in rome", "cheap flights to paris", "weather berlin today", "red shoes"]
 MISSES = ["blue shirt near me", "pizza recipe"]
+SCHEMA = {"encoding": "float32"}
 MINILM = str(default_model_dir())  # the shipped model: not the tiny BERT the snapshot was built with
 
 
@@ -232,3 +236,63 @@ def test_concurrent_misses_share_the_engines_rounds(server):
     after = server.get("/info").json()["miss_rounds"]
     assert after["queries"] - before["queries"] == 48
     assert after["rounds"] - before["rounds"] < len(requests) and after["largest"] > 2
+
+
+def test_snapshots_published_under_load_are_served_without_a_failure_or_a_mixed_answer(root, tiny_bert, tmp_path):
+    """Ten snapshots of the same model version published into a served root while clients keep asking."""
+    served = tmp_path / "served"
+    shutil.copytree(root, served, symlinks=True)
+    with Snapshot.open(served) as snap:
+        fingerprint, dim = snap.manifest["model"]["fingerprint"], len(snap.get(STORED[0]))
+        answers = {snap.id: {k: _unit([snap.get(k)])[0] for k in STORED}}
+    process, url = _serve(served, "--model", str(tiny_bert))
+    replies: list[httpx.Response] = []
+
+    async def ask(stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            while not stop.is_set():
+                replies.append(await client.post("/embed", json={"inputs": STORED}))
+
+    async def load() -> None:
+        stop = asyncio.Event()
+        clients = [asyncio.create_task(ask(stop)) for _ in range(4)]
+        rng = np.random.default_rng(7)
+        for _ in range(10):
+            await asyncio.sleep(0.4)
+            vectors = {k: rng.standard_normal(dim).astype(np.float32) for k in STORED}
+            path = await asyncio.to_thread(
+                make_snapshot, served, vectors, SCHEMA | {"dim": dim}, fingerprint=fingerprint
+            )
+            answers[path.name] = {k: _unit([v])[0] for k, v in vectors.items()}
+        await asyncio.sleep(1.5)  # the cache looks at CURRENT at least once a second
+        stop.set()
+        await asyncio.gather(*clients)
+
+    try:
+        asyncio.run(load())
+    finally:
+        _stop(process)
+    assert replies and all(r.status_code == 200 for r in replies)
+    for reply in replies:
+        expected = answers[reply.headers["x-querycache-snapshot"]]  # one snapshot answered all of a request
+        np.testing.assert_allclose(reply.json(), [expected[k] for k in STORED], rtol=1e-5, atol=1e-6)
+    assert {r.headers["x-querycache-snapshot"] for r in replies[-8:]} == {max(answers)}
+    assert len({r.headers["x-querycache-snapshot"] for r in replies}) >= 5
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits_0(root, tiny_bert):
+    process, url = _serve(root, "--model", str(tiny_bert))
+    body = {"inputs": [f"{w} {n}" for n in range(16) for w in ("fresh", "words")]}
+
+    async def in_flight() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            asks = [asyncio.create_task(client.post("/embed", json=body)) for _ in range(4)]
+            await asyncio.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*asks)
+
+    replies = asyncio.run(in_flight())
+    assert [r.status_code for r in replies] == [200] * 4
+    assert process.wait(30) == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/health", timeout=2)
