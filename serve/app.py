@@ -2,7 +2,8 @@
 
 ``POST /embed`` takes ``{"inputs": str | [str], "normalize": true, "truncate": false}`` and answers
 ``[[float]]``; ``GET /health`` is 200 while a snapshot (or, with a model mismatch allowed, the model)
-answers and 503 otherwise; ``GET /info`` names the model version, snapshot and limits. OpenAI's
+answers and 503 otherwise; ``GET /info`` names the model version, snapshot and limits; ``GET
+/metrics`` is Prometheus text (``metrics.py``). OpenAI's
 ``POST /v1/embeddings`` (``encoding_format`` float or base64 of little-endian float32, ``usage`` in
 tokens) and ``GET /v1/models`` answer the same vectors, unit length. Every answer carries
 ``x-querycache-hits`` (inputs answered from the snapshot) and ``x-querycache-snapshot``; errors are
@@ -35,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from querycache.serve.metrics import Metrics
 from querycache.serve.service import Service
 from querycache.store.cache import Lookup
 from querycache.store.keys import normalize_all
@@ -124,22 +126,30 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
     ``served_name`` is the model name the OpenAI routes list and echo (any requested name is accepted).
     """
     in_flight = 0  # requests being answered; read and written on the event loop only
+    metrics = Metrics()
+    service.batcher.on_round = metrics.round
 
-    def route(render: Callable[[ApiError], Response]):
+    def route(method: str, render: Callable[[ApiError], Response]):
         """A handler that answers an :class:`ApiError` in ``render``'s shape, and 429 when the server is full."""
 
         def wrap(handler):
             async def endpoint(request: Request) -> Response:
                 nonlocal in_flight
+                started = time.perf_counter()
                 if in_flight >= limits.max_concurrent_requests:
-                    return render(ApiError(429, "Overloaded", "the server is at its concurrent request limit"))
+                    error = ApiError(429, "Overloaded", "the server is at its concurrent request limit")
+                    metrics.request(method, started, error.error_type)
+                    return render(error)
                 in_flight += 1
                 try:
-                    return await handler(request)
+                    response = await handler(request)
                 except ApiError as err:
+                    metrics.request(method, started, err.error_type)
                     return render(err)
                 finally:
                     in_flight -= 1
+                metrics.request(method, started, None)
+                return response
 
             return endpoint
 
@@ -166,7 +176,7 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
             "x-total-time": str(round((time.perf_counter() - start) * 1000)),
         }
 
-    @route(_tei_error)
+    @route("embed", _tei_error)
     async def embed(request: Request) -> Response:
         start = time.perf_counter()
         body = await _body(request, limits)
@@ -176,7 +186,7 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
         vectors, found = await embeddings(inputs)
         return _json(_unit(vectors) if normalize_output else vectors, headers=headers(found, start))
 
-    @route(_openai_error)
+    @route("openai_embeddings", _openai_error)
     async def openai_embeddings(request: Request) -> Response:
         start = time.perf_counter()
         body = await _body(request, limits)
@@ -202,6 +212,10 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
         model = {"id": served_name, "object": "model", "created": 0, "owned_by": "querycache"}
         return _json({"object": "list", "data": [model]})
 
+    async def prometheus(request: Request) -> Response:
+        text = metrics.render(service.cache.metrics(), service.task, service.batcher.queued())
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def health(request: Request) -> Response:
         if service.ready():
             return Response(status_code=200)
@@ -215,6 +229,7 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
         Route("/v1/embeddings", openai_embeddings, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
         Route("/info", info, methods=["GET"]),
     ]
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,8 @@ class Batcher:
         self.engine, self.max_round = engine, max_round
         self.fingerprint = engine.fingerprint  # the cache serves the snapshot only when this is its model version
         self.stats = RoundStats()
+        # called on the engine thread after each round: (queries, tokens, seconds, each request's wait)
+        self.on_round: Callable[[int, int, float, list[float]], None] | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="querycache-batcher", daemon=True)
         self._thread.start()
@@ -46,8 +50,12 @@ class Batcher:
     def __call__(self, keys: list[str]) -> list[Any]:
         """Answers for ``keys`` in order; blocks the calling thread until its round has run."""
         future: Future = Future()
-        self._queue.put((keys, future))
+        self._queue.put((keys, future, time.perf_counter()))
         return future.result()
+
+    def queued(self) -> int:
+        """Requests waiting for a round."""
+        return self._queue.qsize()
 
     def close(self) -> None:
         """Answer what is queued, then stop the engine thread."""
@@ -68,21 +76,24 @@ class Batcher:
             stopping = _STOP in waiting
             self._answer([item for item in waiting if item is not _STOP])
 
-    def _answer(self, waiting: list[tuple[list[str], Future]]) -> None:
+    def _answer(self, waiting: list[tuple[list[str], Future, float]]) -> None:
         if not waiting:
             return
-        keys = list(dict.fromkeys(key for wanted, _ in waiting for key in wanted))  # each key computed once
+        started = time.perf_counter()
+        keys = list(dict.fromkeys(key for wanted, _, _ in waiting for key in wanted))  # each key computed once
         try:
             results, stats = self.engine.run(keys)
         except Exception as err:  # noqa: BLE001 - each waiting request gets the engine's error
             log.exception("the engine failed on a round of %d keys", len(keys))
-            for _, future in waiting:
+            for _, future, _ in waiting:
                 future.set_exception(err)
             return
         self.stats.rounds += 1
         self.stats.queries += len(keys)
         self.stats.tokens += stats.tokens
         self.stats.largest = max(self.stats.largest, len(keys))
+        if self.on_round is not None:
+            self.on_round(len(keys), stats.tokens, stats.seconds, [started - queued for _, _, queued in waiting])
         answers = dict(zip(keys, results))
-        for wanted, future in waiting:
+        for wanted, future, _ in waiting:
             future.set_result([answers[key] for key in wanted])

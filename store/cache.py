@@ -291,6 +291,7 @@ class ReadThroughCache:
             "hit_rate": self._counts["hits"] / lookups if lookups else 0.0,
             "lru_size": len(self._lru),
             "snapshot_id": snap.id if snap else None,
+            "snapshot_created": snap.manifest.get("created") if snap else None,
             "snapshot_in_use": self._usable,
             "fingerprint_mismatch": snap is not None and not self._usable,
             "last_error": self._last_error,

@@ -296,3 +296,38 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(root, tiny_bert):
     assert process.wait(30) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=2)
+
+
+def _samples(text: str) -> dict[str, float]:
+    """``{'name{labels}': value}`` of a Prometheus exposition, comments left out."""
+    rows = [line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")]
+    return {name: float(value) for name, value in rows}
+
+
+def test_metrics_count_known_traffic(root, tiny_bert):
+    process, url = _serve(root, "--model", str(tiny_bert))
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for _ in range(2):
+                assert client.post("/embed", json={"inputs": STORED[:3]}).status_code == 200
+            assert client.post("/v1/embeddings", json={"input": ["brand new", "also new"]}).status_code == 200
+            assert client.post("/embed", content=b"{nope").status_code == 422
+            assert client.post("/embed", json={"inputs": ["  "]}).status_code == 400
+            response = client.get("/metrics")
+    finally:
+        _stop(process)
+    assert response.headers["content-type"].startswith("text/plain")
+    got = _samples(response.text)
+    with Snapshot.open(root) as snap:
+        snapshot_id = snap.id
+    assert got['te_request_count{method="embed"}'] == 4 and got['te_request_count{method="openai_embeddings"}'] == 1
+    assert got['te_request_success{method="embed"}'] == 2
+    assert got['te_request_failure{err="validation"}'] == 1 and got['te_request_failure{err="empty"}'] == 1
+    assert got["te_request_duration_count"] == 5
+    assert got['querycache_lookups{task="embed",result="hit"}'] == 6
+    assert got['querycache_lookups{task="embed",result="miss"}'] == 2
+    assert got['querycache_lookups{task="embed",result="invalid"}'] == 1
+    assert got["te_batch_next_size_count"] == 1 and got["te_batch_next_size_sum"] == 2
+    assert got["te_queue_size"] == 0 and got["te_inference_duration_count"] == 1
+    assert got[f'querycache_snapshot_info{{snapshot_id="{snapshot_id}",in_use="true"}}'] == 1
+    assert 0 < got["querycache_snapshot_age_seconds"] < 3600
