@@ -5,7 +5,9 @@
 answers and 503 otherwise; ``GET /info`` names the model version, snapshot and limits; ``GET
 /metrics`` is Prometheus text (``metrics.py``). OpenAI's
 ``POST /v1/embeddings`` (``encoding_format`` float or base64 of little-endian float32, ``usage`` in
-tokens) and ``GET /v1/models`` answer the same vectors, unit length. Every answer carries
+tokens) and ``GET /v1/models`` answer the same vectors, unit length. ``POST /predict`` (classify
+snapshots) and ``POST /fill_mask`` (fill-mask snapshots) answer the other tasks; a route of another
+task is a 424 naming the right one. Every answer carries
 ``x-querycache-hits`` (inputs answered from the snapshot) and ``x-querycache-snapshot``; errors are
 ``{"error", "error_type"}`` with TEI's status codes, ``{"error": {"message", "type", "param",
 "code"}}`` on OpenAI's routes; a request over the concurrency limit is answered 429 at once. Inputs
@@ -39,7 +41,7 @@ from starlette.routing import Route
 from querycache.serve.metrics import Metrics
 from querycache.serve.service import Service
 from querycache.store.cache import Lookup
-from querycache.store.keys import normalize_all
+from querycache.store.keys import is_query, normalize, normalize_all
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,9 @@ def _flag(body: dict, name: str, default: bool) -> bool:
     return value
 
 
+ROUTES = {"embed": "POST /embed or POST /v1/embeddings", "classify": "POST /predict", "fill-mask": "POST /fill_mask"}
+
+
 def _tei_error(err: ApiError) -> Response:
     return _json({"error": str(err), "error_type": err.error_type}, err.status)
 
@@ -155,18 +160,22 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
 
         return wrap
 
-    async def embeddings(inputs: list[str]) -> tuple[np.ndarray, Lookup]:
-        """The vectors of ``inputs`` (hits from the snapshot, misses from the model, off the event loop)."""
-        if service.task != "embed":
-            raise ApiError(424, "Backend", f"this server answers {service.task}, not embeddings")
+    async def answers(inputs: list[str], task: str) -> Lookup:
+        """The answers of ``inputs`` for a route of ``task``: hits from the snapshot, misses from the model."""
+        if service.task != task:
+            raise ApiError(424, "Backend", f"this server answers {service.task}: use {ROUTES[service.task]}")
         cache = service.cache
         partial = cache.known(inputs)  # hits: microseconds, on the loop itself
         found = await run_in_threadpool(cache.complete, partial) if partial.missing else cache.complete(partial)
-        empty = next((i for i, result in enumerate(found.results) if result is None), None)
-        if empty is not None:  # the cache answers None only where a key is empty: no query, no answer
-            raise ApiError(
-                400, "Empty", f"inputs[{empty}] is empty once normalised (spaces or invisible only)", "input"
-            )
+        for i, result in enumerate(found.results):  # None: an empty key, or a fill-mask template whose mask was cut
+            if result is None and not is_query(normalize(inputs[i])):
+                raise ApiError(
+                    400, "Empty", f"inputs[{i}] is empty once normalised (spaces or invisible only)", "input"
+                )
+        return found
+
+    async def embeddings(inputs: list[str]) -> tuple[np.ndarray, Lookup]:
+        found = await answers(inputs, "embed")
         return np.stack(found.results).astype(np.float32, copy=False), found
 
     def headers(found: Lookup, start: float) -> dict[str, str]:
@@ -208,6 +217,36 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
         answer = {"object": "list", "data": data, "model": body.get("model") or served_name, "usage": usage}
         return _json(answer, headers=headers(found, start))
 
+    @route("predict", _tei_error)
+    async def predict(request: Request) -> Response:
+        start = time.perf_counter()
+        body = await _body(request, limits)
+        if _flag(body, "raw_scores", False):
+            raise ApiError(422, "Validation", "snapshots hold probabilities, not raw scores", "raw_scores")
+        inputs = _inputs(body.get("inputs"), "inputs", limits)
+        found = await answers(inputs, "classify")
+        ranked = [
+            [{"score": p, "label": label} for label, p in sorted(r["scores"].items(), key=lambda kv: -kv[1])]
+            for r in found.results
+        ]
+        return _json(ranked[0] if isinstance(body["inputs"], str) else ranked, headers=headers(found, start))
+
+    @route("fill_mask", _tei_error)
+    async def fill_mask(request: Request) -> Response:
+        start = time.perf_counter()
+        body = await _body(request, limits)
+        inputs = _inputs(body.get("inputs"), "inputs", limits)
+        stored = service.engine.config.top_k
+        top_k = body.get("top_k", stored)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 < top_k <= stored:
+            raise ApiError(422, "Validation", f"`top_k` must be an integer from 1 to {stored}, what is stored", "top_k")
+        found = await answers(inputs, "fill-mask")
+        predictions = [  # per input: the top_k of each mask position (none where the template's mask was cut)
+            [{**p, "position": j} for j, position in enumerate(r or []) for p in position[:top_k]]
+            for r in found.results
+        ]
+        return _json(predictions, headers=headers(found, start))
+
     async def models(request: Request) -> Response:
         model = {"id": served_name, "object": "model", "created": 0, "owned_by": "querycache"}
         return _json({"object": "list", "data": [model]})
@@ -227,6 +266,8 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
     routes = [
         Route("/embed", embed, methods=["POST"]),
         Route("/v1/embeddings", openai_embeddings, methods=["POST"]),
+        Route("/predict", predict, methods=["POST"]),
+        Route("/fill_mask", fill_mask, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),

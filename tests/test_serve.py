@@ -331,3 +331,44 @@ def test_metrics_count_known_traffic(root, tiny_bert):
     assert got["te_queue_size"] == 0 and got["te_inference_duration_count"] == 1
     assert got[f'querycache_snapshot_info{{snapshot_id="{snapshot_id}",in_use="true"}}'] == 1
     assert 0 < got["querycache_snapshot_age_seconds"] < 3600
+
+
+@pytest.fixture(scope="module", params=["classify", "fill-mask"])
+def task_server(request, tiny_bert, tmp_path_factory):
+    """A snapshot of another task and a server on it: ``(task, root, client)``."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    log = write_jsonl(tmp / "q.jsonl", [{"query": q} for q in STORED])
+    args = build_args(str(log), str(tmp / "root"), str(tiny_bert), "--task", request.param, "--fill-top-k", "3")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    process, url = _serve(tmp / "root", "--model", str(tiny_bert))
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield request.param, tmp / "root", client
+    _stop(process)
+
+
+def test_predict_and_fill_mask_answer_from_the_snapshot_and_the_model(task_server, tiny_bert):
+    task, root, client = task_server
+    route, other = ("/predict", "/fill_mask") if task == "classify" else ("/fill_mask", "/predict")
+    response = client.post(route, json={"inputs": [STORED[0].upper(), MISSES[0]]})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-querycache-hits"] == "1"
+    with Snapshot.open(root) as snap:
+        stored = snap.get(STORED[0])
+    engine = Engine(EngineConfig(model_dir=str(tiny_bert), task=task, dtype="fp32", device="cpu", top_k=3))
+    computed = engine([normalize(MISSES[0])])[0]
+    hit, miss = response.json()
+    if task == "classify":
+        assert hit == [{"score": p, "label": label} for label, p in stored["scores"].items()]
+        assert [row["label"] for row in miss] == list(computed["scores"])
+        assert [row["score"] for row in hit] == sorted((row["score"] for row in hit), reverse=True)
+        one = client.post(route, json={"inputs": STORED[1]}).json()
+        assert isinstance(one, list) and set(one[0]) == {"score", "label"}
+    else:
+        assert hit == [{**p, "position": 0} for p in stored[0]]
+        assert [p["token"] for p in miss] == [p["token"] for p in computed[0]]
+        assert len(client.post(route, json={"inputs": STORED[1], "top_k": 2}).json()[0]) == 2
+        assert client.post(route, json={"inputs": STORED[1], "top_k": 4}).status_code == 422
+    wrong = client.post(other, json={"inputs": STORED[0]})
+    assert wrong.status_code == 424 and route in wrong.json()["error"]
+    assert client.post("/embed", json={"inputs": STORED[0]}).status_code == 424
