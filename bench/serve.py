@@ -1,0 +1,136 @@
+"""``querycache serve`` under load from wrk on loopback, in one run against its own ``/health`` floor.
+
+    python bench/serve.py [--queries 2000] [--seconds 10] [--model DIR]
+
+Builds a snapshot of ``--queries`` generated queries (the shipped MiniLM unless ``--model``), starts
+the server as its own process, then drives it with wrk (Debian's ``wrk``): ``/health`` (the HTTP
+floor), one-input ``/embed`` hits, misses (a new query each request) at 1 and 64 connections, and an
+80/20 hit/miss mix at 64. Prints requests/s, p50 and p99 latency, non-2xx replies and the ratios of
+the targets of issue 20: hits / floor >= 0.7, hit p99 <= 10 ms, misses at 64 / misses at 1 >= 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # import the repo's packages when run as a script
+from bench.loggen import generate  # noqa: E402
+
+LUA = """
+local queries = {%s}
+local n, id = 0, 0
+function setup(thread) id = id + 1; thread:set("id", id) end
+function init(args) math.randomseed(id) end
+request = function()
+  n = n + 1
+  local q
+  if %s then q = "miss " .. id .. " " .. n .. " " .. math.random(1e9) else q = queries[(n %% #queries) + 1] end
+  return wrk.format("POST", "/embed", {["Content-Type"] = "application/json"}, '{"inputs": ["' .. q .. '"]}')
+end
+"""
+MISS_WHEN = {"hits": "false", "misses": "true", "mix": "n %% 5 == 0"}
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _build(queries: int, model: str | None, tmp: Path) -> tuple[Path, list[str]]:
+    texts = {r["query"].lower() for r in generate(queries * 3, queries, users=1000)}
+    heads = sorted(q for q in texts if '"' not in q and "\\" not in q)[:queries]  # spliced into JSON by Lua
+    (tmp / "q.jsonl").write_text("".join(json.dumps({"query": q}) + "\n" for q in heads))
+    args = ["build", "--logs", str(tmp / "q.jsonl"), "--out", str(tmp / "root"), "--json", "--quiet"]
+    subprocess.run([sys.executable, "-m", "querycache", *args, *(["--model", model] if model else [])], check=True)
+    return tmp / "root", heads
+
+
+def _wrk(url: str, connections: int, seconds: int, script: Path | None) -> dict:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *(["-s", str(script)] if script else [])]
+    out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    unit = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+    def latency(pct: str) -> float:
+        value, suffix = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)$", out, re.M).groups()
+        return float(value) * unit[suffix]
+
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "non_2xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": errors.group(1) if errors else "",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--model")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench/serve.py needs wrk: apt-get install wrk")
+    with tempfile.TemporaryDirectory(prefix="qc-serve-bench-") as name:
+        tmp = Path(name)
+        root, heads = _build(args.queries, args.model, tmp)
+        port = _port()
+        command = [sys.executable, "-m", "querycache", "serve", str(root), "--port", str(port), "--quiet"]
+        server = subprocess.Popen([*command, *(["--model", args.model] if args.model else [])])
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(300):
+                try:
+                    urllib.request.urlopen(f"{url}/health", timeout=1)
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            quoted = ", ".join(json.dumps(q, ensure_ascii=False) for q in heads)  # LuaJIT reads no \u escapes
+            scripts = {}
+            for kind, when in MISS_WHEN.items():
+                scripts[kind] = tmp / f"{kind}.lua"
+                scripts[kind].write_text(LUA % (quoted, when.replace("%%", "%")))
+            runs = {
+                "health, 64 connections": (f"{url}/health", 64, None),
+                "hits, 64 connections": (url, 64, scripts["hits"]),
+                "hits, 1 connection": (url, 1, scripts["hits"]),
+                "misses, 1 connection": (url, 1, scripts["misses"]),
+                "misses, 64 connections": (url, 64, scripts["misses"]),
+                "80/20 hit/miss, 64 connections": (url, 64, scripts["mix"]),
+            }
+            figures = {label: _wrk(target, c, args.seconds, script) for label, (target, c, script) in runs.items()}
+            info = json.loads(urllib.request.urlopen(f"{url}/info").read())
+        finally:
+            server.terminate()
+            server.wait(30)
+    print(f"model {info['model_id']} ({info['model_dtype']}), {len(heads)} stored queries, wrk -t1 {args.seconds} s")
+    print(f"{'run':34s} {'requests/s':>11s} {'p50 ms':>8s} {'p99 ms':>8s} {'non-2xx':>8s}")
+    for label, f in figures.items():
+        row = f"{label:34s} {f['rps']:11,.0f} {f['p50_ms']:8.2f} {f['p99_ms']:8.2f} {f['non_2xx']:8d}"
+        print(row, f["socket_errors"])
+    floor, hits = figures["health, 64 connections"], figures["hits, 64 connections"]
+    one, many = figures["misses, 1 connection"], figures["misses, 64 connections"]
+    print(f"hits / floor at 64: {hits['rps'] / floor['rps']:.2f} (>= 0.7); hit p99 {hits['p99_ms']:.2f} ms (<= 10)")
+    print(
+        f"hits / misses at 64: {hits['rps'] / many['rps']:.1f}x; misses 64 / 1: {many['rps'] / one['rps']:.2f} (>= 3)"
+    )
+    print(f"engine rounds: {info['miss_rounds']}")
+    if any(f["non_2xx"] or f["socket_errors"] for f in figures.values()):
+        sys.exit("some requests failed: the figures above do not count")
+
+
+if __name__ == "__main__":
+    main()
