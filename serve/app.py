@@ -121,10 +121,6 @@ def _openai_error(err: ApiError) -> Response:
     return _json({"error": {"message": str(err), "type": kind, "param": err.param, "code": None}}, err.status)
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-
-
 def create_app(service: Service, limits: Limits = Limits(), served_name: str = "querycache") -> Starlette:
     """The ASGI application serving ``service``; closing it closes the service.
 
@@ -174,6 +170,13 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
                 )
         return found
 
+    stored_unit = bool(service.engine.settings.get("normalize"))  # the model version answers unit vectors
+
+    def unit(vectors: np.ndarray) -> np.ndarray:
+        if stored_unit:
+            return vectors
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
     async def embeddings(inputs: list[str]) -> tuple[np.ndarray, Lookup]:
         found = await answers(inputs, "embed")
         return np.stack(found.results).astype(np.float32, copy=False), found
@@ -193,7 +196,7 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
         normalize_output = _flag(body, "normalize", True)
         _flag(body, "truncate", False)
         vectors, found = await embeddings(inputs)
-        return _json(_unit(vectors) if normalize_output else vectors, headers=headers(found, start))
+        return _json(unit(vectors) if normalize_output else vectors, headers=headers(found, start))
 
     @route("openai_embeddings", _openai_error)
     async def openai_embeddings(request: Request) -> Response:
@@ -204,7 +207,7 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
         if encoding not in ("float", "base64"):
             raise ApiError(422, "Validation", "`encoding_format` must be float or base64", "encoding_format")
         vectors, found = await embeddings(inputs)
-        vectors = _unit(vectors)  # OpenAI's embeddings are unit vectors
+        vectors = unit(vectors)  # OpenAI's embeddings are unit vectors
         if body.get("dimensions") not in (None, vectors.shape[1]):
             raise ApiError(422, "Validation", f"this model answers {vectors.shape[1]} dimensions only", "dimensions")
         tokens = await run_in_threadpool(service.engine.count_tokens, normalize_all(inputs))
