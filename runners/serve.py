@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 
 import click
 
 from querycache.runners.common import UserError, require_extra, setup_logging
+from querycache.runners.manage import filesystem_options
 
 
 @click.command()
@@ -29,7 +31,12 @@ from querycache.runners.common import UserError, require_extra, setup_logging
     is_flag=True,
     help="Start even when the model is not the snapshot's model version; every answer then comes from the model.",
 )
+@click.option(
+    "--pull-from", help="A root on any filesystem (s3://...) to pull into ROOT, now and every --every seconds."
+)
+@click.option("--every", default=60.0, show_default=True, type=click.FloatRange(0.1), help="Seconds between pulls.")
 @click.option("--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@filesystem_options
 def serve(
     root: str,
     model_dir: str | None,
@@ -37,12 +44,16 @@ def serve(
     port: int,
     device: str,
     served_model_name: str | None,
+    pull_from: str | None,
+    every: float,
     quiet: bool,
     **kw,
 ) -> None:
     """Answer TEI-style HTTP requests from ROOT's current snapshot; misses go to the model.
 
-    ROOT is a local snapshot root: a snapshot published into it is served without a restart.
+    ROOT is a local snapshot root: a snapshot published into it is served without a restart. With
+    --pull-from, serve pulls the source's current snapshot into ROOT before it starts and then polls it
+    (filesystem flags such as --s3_endpoint_url go after --).
     Routes: POST /embed, GET /health, GET /info (TEI); POST /v1/embeddings, GET /v1/models (OpenAI).
 
     \b
@@ -57,14 +68,23 @@ def serve(
     from querycache.inference.model import ModelError
     from querycache.serve import Limits, ModelMismatchError, create_app, load_service
     from querycache.store import SnapshotError
+    from querycache.store.pull import pull, watch
 
     try:
+        if pull_from:
+            pull(pull_from, root, keep=2)  # the previous snapshot stays until no lookup holds it
         service = load_service(root, model_dir, device=device, allow_model_mismatch=kw.pop("allow_model_mismatch"))
-    except (ModelMismatchError, ModelError, SnapshotError) as err:
+    except (ModelMismatchError, ModelError, SnapshotError, OSError) as err:
         raise UserError(str(err)) from None
     model_dir = service.engine.model_dir
     served_name = served_model_name or (model_dir.parent.name if model_dir.name == "model" else model_dir.name)
     app = create_app(service, Limits(**kw), served_name)
+    if pull_from:  # each new snapshot pulled is switched to at once, on the pulling thread
+
+        def switch(_pulled) -> None:
+            service.cache.refresh()
+
+        threading.Thread(target=watch, args=(pull_from, root, every, 2, switch), daemon=True).start()
     # uvicorn drains on SIGTERM (stops accepting, finishes what is in flight), then raises the signal
     # again with the handler it found: this one, so that a drained shutdown exits 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,64 +19,11 @@ import pytest
 from querycache.store import Snapshot, current_id
 from querycache.store import fs as store_fs
 from querycache.store.publish import SNAPSHOTS
-from tests.conftest import build_args
+from tests.conftest import build_args, free_port, use_s3, wait_for_port
 from tests.store_helpers import make_snapshot
 from tests.test_build import make_records, run_build, write_log
 
 SCHEMA = {"encoding": "float32", "dim": 4}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_port(port: int, process: subprocess.Popen, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on port {port} after {seconds}s")
-
-
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory):
-    """A moto S3 server on loopback: ``{"options": [...Beam flags...], "bucket": "s3://qc-test"}``."""
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 (closed in finally)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
-    )
-    try:
-        _wait_for_port(port, server)
-        endpoint = f"http://127.0.0.1:{port}"
-        options = [
-            f"--s3_endpoint_url={endpoint}",
-            "--s3_access_key_id=testing",
-            "--s3_secret_access_key=testing",
-            "--s3_region_name=us-east-1",
-        ]
-        use_s3(options)
-        store_fs._s3_client().create_bucket(Bucket="qc-test")
-        yield {"options": options, "bucket": "s3://qc-test", "endpoint": endpoint}
-    finally:
-        server.terminate()
-        server.wait(10)
-        log.close()
-
-
-def use_s3(options: list[str]) -> None:
-    """Point this process's store seam and Beam's FileSystems at the test server (commands reset them)."""
-    from apache_beam.io.filesystems import FileSystems
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    store_fs.configure(options)
-    FileSystems.set_options(PipelineOptions(options))
 
 
 def remote_snapshot(tmp_path: Path, root: str, values: dict, s3: dict, publish: bool = True) -> str:
@@ -290,7 +236,7 @@ def test_pull_watch_picks_up_a_second_snapshot(tmp_path, s3):
 
 def _portable_services(workdir: Path) -> tuple[list[subprocess.Popen], list[str]]:
     """Beam's job service and an external worker pool, started in ``workdir``; their runner flags."""
-    job_port, pool_port = _free_port(), _free_port()
+    job_port, pool_port = free_port(), free_port()
     beam = "apache_beam.runners"
     services = [
         subprocess.Popen([sys.executable, "-m", f"{beam}.worker.worker_pool_main", f"--service_port={pool_port}"],
@@ -298,8 +244,8 @@ def _portable_services(workdir: Path) -> tuple[list[subprocess.Popen], list[str]
         subprocess.Popen([sys.executable, "-m", f"{beam}.portability.local_job_service_main", f"--port={job_port}"],
                          cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]  # fmt: skip
-    _wait_for_port(pool_port, services[0])
-    _wait_for_port(job_port, services[1])
+    wait_for_port(pool_port, services[0])
+    wait_for_port(job_port, services[1])
     return services, [
         "--runner", "portable", "--", f"--job_endpoint=localhost:{job_port}",
         "--environment_type=EXTERNAL", f"--environment_config=localhost:{pool_port}",

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from querycache.store import Snapshot, normalize
 from tests.conftest import build_args, write_jsonl
 from tests.test_build import BAD_JSONL, BAD_REASONS, PII
-from tests.test_distributed import remote_snapshot, s3, vectors  # noqa: F401 (s3 is a fixture)
+from tests.test_distributed import remote_snapshot, vectors
 from tests.tiny_bert import WORDS
 
 SIZES = [1, 2, 3, 5, 7, 10, 20, 25]  # the log scale of the curves for a 25-row snapshot

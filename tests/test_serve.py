@@ -24,9 +24,8 @@ from querycache.inference import Engine, EngineConfig
 from querycache.inference.model import default_model_dir
 from querycache.runners.cli import main
 from querycache.store import Snapshot, normalize
-from tests.conftest import build_args, write_jsonl
+from tests.conftest import build_args, free_port, use_s3, write_jsonl
 from tests.store_helpers import make_snapshot
-from tests.test_distributed import _free_port
 
 STORED = ["hotels in rome", "cheap flights to paris", "weather berlin today", "red shoes"]
 MISSES = ["blue shirt near me", "pizza recipe"]
@@ -44,7 +43,7 @@ def root(tiny_bert, tmp_path_factory):
 
 
 def _serve(root, *args: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "querycache", "serve", str(root), "--port", str(port), "--quiet", *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -146,7 +145,7 @@ def test_lone_surrogates_and_controls_are_normalised_not_refused(server, root):
 
 def test_a_model_that_is_not_the_snapshots_version_is_refused_in_one_line(root):
     done = subprocess.run(
-        [sys.executable, "-m", "querycache", "serve", str(root), "--port", str(_free_port()), "--model", MINILM],
+        [sys.executable, "-m", "querycache", "serve", str(root), "--port", str(free_port()), "--model", MINILM],
         capture_output=True,
         text=True,
         timeout=120,
@@ -372,3 +371,41 @@ def test_predict_and_fill_mask_answer_from_the_snapshot_and_the_model(task_serve
     wrong = client.post(other, json={"inputs": STORED[0]})
     assert wrong.status_code == 424 and route in wrong.json()["error"]
     assert client.post("/embed", json={"inputs": STORED[0]}).status_code == 424
+
+
+def _upload(snapshot_dir, remote_root: str) -> str:
+    """Put a local snapshot directory under ``remote_root`` and make it current there; its id."""
+    from querycache.store import fs as store_fs
+    from querycache.store import remote
+
+    snapshot_id = json.loads((snapshot_dir / "manifest.json").read_text())["snapshot_id"]
+    for path in sorted(snapshot_dir.rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(snapshot_dir).as_posix()
+            store_fs.write_bytes(store_fs.join(remote_root, "snapshots", snapshot_id, rel), path.read_bytes())
+    remote.publish(remote_root, snapshot_id, remote.current(remote_root))
+    return snapshot_id
+
+
+def test_pull_from_object_storage_serves_each_new_snapshot(root, tiny_bert, tmp_path, s3):
+    use_s3(s3["options"])
+    remote_root = f"{s3['bucket']}/serve-pull"
+    with Snapshot.open(root) as snap:
+        first = _upload(snap.directory, remote_root)
+        fingerprint, dim = snap.manifest["model"]["fingerprint"], len(snap.get(STORED[0]))
+    served = tmp_path / "served"
+    flags = ["--model", str(tiny_bert), "--pull-from", remote_root, "--every", "0.3", "--", *s3["options"]]
+    process, url = _serve(served, *flags)
+    try:
+        assert httpx.get(f"{url}/info").json()["snapshot_id"] == first
+        vectors = {k: np.random.default_rng(3).standard_normal(dim).astype(np.float32) for k in STORED}
+        local = make_snapshot(tmp_path / "w", vectors, SCHEMA | {"dim": dim}, fingerprint=fingerprint, do_publish=False)
+        second = _upload(local, remote_root)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/info").json()["snapshot_id"] != second and time.monotonic() < deadline:
+            time.sleep(0.2)
+        response = httpx.post(f"{url}/embed", json={"inputs": [STORED[1]]})
+        assert response.headers["x-querycache-snapshot"] == second
+        np.testing.assert_allclose(response.json(), _unit([vectors[STORED[1]]]), rtol=1e-5, atol=1e-6)
+    finally:
+        _stop(process)
