@@ -13,7 +13,7 @@ from querycache.runners.manage import filesystem_options
 
 
 @click.command()
-@click.argument("root", type=click.Path(file_okay=False))
+@click.argument("root")
 @click.option("--model", "model_dir", help="Fallback model directory (default: the snapshot's, else the shipped one).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True, type=click.IntRange(0, 65535))
@@ -62,6 +62,8 @@ def serve(
       curl -s localhost:3000/embed -H 'content-type: application/json' -d '{"inputs": ["hotels in rome"]}'
     """
     require_extra("serve", "serve", ("starlette", "uvicorn", "orjson", "torch", "transformers"))
+    if "://" in root:
+        raise UserError(f"serve memory-maps local files: pass a local ROOT and --pull-from {root}")
     setup_logging(quiet)
     import uvicorn
 

@@ -18,7 +18,7 @@ from querycache.inference import Engine, EngineConfig
 from querycache.serve.batcher import Batcher
 from querycache.store import ReadThroughCache, SnapshotError
 from querycache.store.format import read_manifest
-from querycache.store.publish import resolve
+from querycache.store.publish import current_id, resolve
 
 log = logging.getLogger(__name__)
 SETTINGS = ("task", "dtype", "max_length", "pooling", "normalize", "template", "top_k")  # of a manifest's model
@@ -87,6 +87,11 @@ def load_service(
     else the shipped default model. Raises :class:`ModelMismatchError` (one line) when that model's
     fingerprint is not the snapshot's, unless ``allow_model_mismatch``.
     """
+    if current_id(root) is None:
+        raise SnapshotError(
+            f"{root} has no CURRENT: serve takes the root that build publishes into (its --out), "
+            "not one snapshot directory, and needs a snapshot published there"
+        )
     try:
         manifest = read_manifest(resolve(root))
     except SnapshotError as err:

@@ -409,3 +409,17 @@ def test_pull_from_object_storage_serves_each_new_snapshot(root, tiny_bert, tmp_
         np.testing.assert_allclose(response.json(), _unit([vectors[STORED[1]]]), rtol=1e-5, atol=1e-6)
     finally:
         _stop(process)
+
+
+def test_serve_refuses_what_it_cannot_serve_in_one_line(cli, root, tmp_path):
+    with Snapshot.open(root) as snap:
+        directory = snap.directory
+    cases = {
+        str(directory): "has no CURRENT: serve takes the root that build publishes into",
+        str(tmp_path): "has no CURRENT",
+        "s3://bucket/qc": "pass a local ROOT and --pull-from s3://bucket/qc",
+    }
+    for target, words in cases.items():
+        result = cli("serve", target)
+        assert result.exit_code == 2 and words in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
