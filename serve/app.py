@@ -41,7 +41,7 @@ from starlette.routing import Route
 from querycache.serve.metrics import Metrics
 from querycache.serve.service import Service
 from querycache.store.cache import Lookup
-from querycache.store.keys import is_query, normalize, normalize_all
+from querycache.store.keys import is_query, normalize
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
         vectors = unit(vectors)  # OpenAI's embeddings are unit vectors
         if body.get("dimensions") not in (None, vectors.shape[1]):
             raise ApiError(422, "Validation", f"this model answers {vectors.shape[1]} dimensions only", "dimensions")
-        tokens = await run_in_threadpool(service.engine.count_tokens, normalize_all(inputs))
+        tokens = await run_in_threadpool(service.engine.count_tokens, found.keys)
         if encoding == "base64":  # little-endian float32, as OpenAI's client decodes it
             rows = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in vectors]
         else:

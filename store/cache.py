@@ -36,11 +36,13 @@ _caches: weakref.WeakSet = weakref.WeakSet()
 
 class Lookup(NamedTuple):
     """Results of :meth:`ReadThroughCache.lookup`: in query order, how many of them came from the
-    snapshot, and its id (None when no snapshot answered: none published, or another model version)."""
+    snapshot, its id (None when no snapshot answered: none published, or another model version), and
+    the normalised keys the results belong to."""
 
     results: list[Any]
     hits: int
     snapshot_id: str | None
+    keys: list[str]
 
 
 class Partial(NamedTuple):
@@ -152,7 +154,7 @@ class ReadThroughCache:
                     missing.setdefault(key, []).append(i)
                 results[i] = value
         missing = missing if self.fallback is not None else {}
-        return Partial(Lookup(results, hits, snap.id if usable else None), missing, start)
+        return Partial(Lookup(results, hits, snap.id if usable else None, keys), missing, start)
 
     def complete(self, partial: Partial) -> Lookup:
         """The lookup of :meth:`known`, its missing keys answered by the fallback in one call."""
