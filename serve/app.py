@@ -1,17 +1,19 @@
 """The routes of ``querycache serve``, in the request and response shapes of text-embeddings-inference.
 
-``POST /embed`` takes ``{"inputs": str | [str], "normalize": true, "truncate": false}`` and answers
-``[[float]]``; ``GET /health`` is 200 while a snapshot (or, with a model mismatch allowed, the model)
-answers and 503 otherwise; ``GET /info`` names the model version, snapshot and limits; ``GET
-/metrics`` is Prometheus text (``metrics.py``). OpenAI's
-``POST /v1/embeddings`` (``encoding_format`` float or base64 of little-endian float32, ``usage`` in
-tokens) and ``GET /v1/models`` answer the same vectors, unit length. ``POST /predict`` (classify
-snapshots) and ``POST /fill_mask`` (fill-mask snapshots) answer the other tasks; a route of another
-task is a 424 naming the right one. Every answer carries
-``x-querycache-hits`` (inputs answered from the snapshot) and ``x-querycache-snapshot``; errors are
-``{"error", "error_type"}`` with TEI's status codes, ``{"error": {"message", "type", "param",
-"code"}}`` on OpenAI's routes; a request over the concurrency limit is answered 429 at once. Inputs
-longer than the model's maximum are truncated to it (``truncate`` is accepted for compatibility).
+- ``POST /embed`` takes ``{"inputs": str | [str], "normalize": true, "truncate": false}`` and answers
+  ``[[float]]``; ``POST /predict`` (classify snapshots) and ``POST /fill_mask`` (fill-mask
+  snapshots) answer the other tasks; a route of another task is a 424 naming the right one.
+- OpenAI's ``POST /v1/embeddings`` (``encoding_format`` float or base64 of little-endian float32,
+  ``usage`` in tokens) and ``GET /v1/models`` answer the same vectors, unit length.
+- ``GET /health`` is 200 while a snapshot (or, with a model mismatch allowed, the model) answers and
+  503 otherwise; ``GET /info`` names the model version, snapshot and limits; ``GET /metrics`` is
+  Prometheus text (``metrics.py``).
+
+Every answer carries ``x-querycache-hits`` (inputs answered from the snapshot) and
+``x-querycache-snapshot``. Errors are ``{"error", "error_type"}`` with TEI's status codes, and
+``{"error": {"message", "type", "param", "code"}}`` on OpenAI's routes; a request over the
+concurrency limit is answered 429 at once. Inputs longer than the model's maximum are truncated to
+it (``truncate`` is accepted for compatibility).
 
 Hits are looked up on the event loop (microseconds: the snapshot is memory-mapped); a request with
 misses waits for them on a worker thread while the batcher's engine thread (``batcher.py``) computes
