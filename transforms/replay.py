@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -118,7 +119,7 @@ def _place(row: Stored, groups: dict, boundaries: list[int]):
         yield _bucket(boundaries, end), row.count
 
 
-def _place_sorted(group: tuple[int, list], boundaries: list[int]):
+def _place_sorted(group: tuple[int, Iterable[tuple[bytes, int]]], boundaries: list[int]):  # GroupByKey's output
     rank, rows = group
     for i, (_, count) in enumerate(sorted(rows)):
         yield _bucket(boundaries, rank + i), count
