@@ -10,6 +10,7 @@ import click
 
 from querycache.runners.common import UserError, require_extra, setup_logging
 from querycache.runners.manage import filesystem_options
+from querycache.store import fs
 
 
 @click.command()
@@ -62,7 +63,7 @@ def serve(
       curl -s localhost:3000/embed -H 'content-type: application/json' -d '{"inputs": ["hotels in rome"]}'
     """
     require_extra("serve", "serve", ("starlette", "uvicorn", "orjson", "torch", "transformers"))
-    if "://" in root:
+    if fs.is_remote(root):
         raise UserError(f"serve memory-maps local files: pass a local ROOT and --pull-from {root}")
     setup_logging(quiet)
     import uvicorn
