@@ -160,6 +160,12 @@ class Engine:
         """Tokens the model reads for each query (template applied, truncated at the maximum length)."""
         return [len(encoding.ids) for encoding in self._encoder.encode_batch(self._texts(queries))]
 
+    def overlong(self, queries: list[str]) -> list[int]:
+        """Positions of the queries longer than the maximum length (the ones the model reads truncated)."""
+        return [
+            i for i, encoding in enumerate(self._encoder.encode_batch(self._texts(queries))) if encoding.overflowing
+        ]
+
     def _texts(self, queries: list[str]) -> list[str]:
         if self.config.task != "fill-mask":
             return queries

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import click
 
@@ -25,6 +26,19 @@ from querycache.store import fs
 @click.option("--payload-limit", default=2_000_000, show_default=True, type=click.IntRange(1), help="Body bytes.")
 @click.option(
     "--max-concurrent-requests", default=512, show_default=True, type=click.IntRange(1), help="More: 429 at once."
+)
+@click.option(
+    "--truncate/--no-truncate",
+    "auto_truncate",
+    default=True,
+    show_default=True,
+    help="Inputs over the model's maximum length: truncated as the pipeline does, or refused (413) "
+    'unless a request says "truncate": true (TEI\'s --auto-truncate).',
+)
+@click.option(
+    "--no-fallback",
+    is_flag=True,
+    help="Load no model: answer only what the snapshot holds (a miss is null on TEI's routes, 404 on OpenAI's).",
 )
 @click.option("--served-model-name", help="The model name of the OpenAI routes (default: the model directory's).")
 @click.option(
@@ -48,6 +62,7 @@ def serve(
     pull_from: str | None,
     every: float,
     quiet: bool,
+    no_fallback: bool,
     **kw,
 ) -> None:
     """Answer TEI-style HTTP requests from ROOT's current snapshot; misses go to the model.
@@ -62,24 +77,38 @@ def serve(
       querycache serve demo-root --port 3000
       curl -s localhost:3000/embed -H 'content-type: application/json' -d '{"inputs": ["hotels in rome"]}'
     """
-    require_extra("serve", "serve", ("starlette", "uvicorn", "orjson", "torch", "transformers"))
+    require_extra(
+        "serve", "serve", ("starlette", "uvicorn", "orjson") + (() if no_fallback else ("torch", "transformers"))
+    )
     if fs.is_remote(root):
         raise UserError(f"serve memory-maps local files: pass a local ROOT and --pull-from {root}")
+    if no_fallback and (model_dir or kw["allow_model_mismatch"]):
+        raise UserError("--no-fallback loads no model: leave out --model and --allow-model-mismatch")
     setup_logging(quiet)
     import uvicorn
 
-    from querycache.inference.model import ModelError
     from querycache.serve import Limits, ModelMismatchError, create_app, load_service
     from querycache.store import SnapshotError
     from querycache.store.pull import pull, watch
 
+    refused: tuple[type[Exception], ...] = (ModelMismatchError, SnapshotError, OSError)
+    if not no_fallback:  # transformers is imported only to load a model
+        from querycache.inference.model import ModelError
+
+        refused += (ModelError,)
     try:
         if pull_from:
             pull(pull_from, root, keep=2)  # the previous snapshot stays until no lookup holds it
-        service = load_service(root, model_dir, device=device, allow_model_mismatch=kw.pop("allow_model_mismatch"))
-    except (ModelMismatchError, ModelError, SnapshotError, OSError) as err:
+        service = load_service(
+            root,
+            model_dir,
+            device=device,
+            allow_model_mismatch=kw.pop("allow_model_mismatch"),
+            no_fallback=no_fallback,
+        )
+    except refused as err:
         raise UserError(str(err)) from None
-    model_dir = service.engine.model_dir
+    model_dir = Path(service.model.get("model_dir") or "querycache")
     served_name = served_model_name or (model_dir.parent.name if model_dir.name == "model" else model_dir.name)
     app = create_app(service, Limits(**kw), served_name)
     if pull_from:  # each new snapshot pulled is switched to at once, on the pulling thread

@@ -13,7 +13,12 @@ Every answer carries ``x-querycache-hits`` (inputs answered from the snapshot) a
 ``x-querycache-snapshot``. Errors are ``{"error", "error_type"}`` with TEI's status codes, and
 ``{"error": {"message", "type", "param", "code"}}`` on OpenAI's routes; a request over the
 concurrency limit is answered 429 at once. Inputs longer than the model's maximum are truncated to
-it (``truncate`` is accepted for compatibility).
+it, as the pipeline does, unless the request says ``"truncate": false`` or the server's
+``auto_truncate`` is off and the request says nothing: then such an input is a 413 (TEI's rule).
+
+Without a fallback model a miss has no answer: ``null`` in its place on TEI's routes (the request
+still answers its hits), a 404 ``not_in_snapshot`` on OpenAI's, whose ``usage`` then counts 0 tokens
+(no tokenizer is loaded).
 
 Hits are looked up on the event loop (microseconds: the snapshot is memory-mapped); a request with
 misses waits for them on a worker thread while the batcher's engine thread (``batcher.py``) computes
@@ -43,7 +48,7 @@ from starlette.routing import Route
 from querycache.serve.metrics import Metrics
 from querycache.serve.service import Service
 from querycache.store.cache import Lookup
-from querycache.store.keys import is_query, normalize
+from querycache.store.keys import is_query
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class Limits:
     max_client_batch_size: int = 32
     payload_limit: int = 2_000_000
     max_concurrent_requests: int = 512
+    auto_truncate: bool = True  # inputs over the model's maximum: truncated, or (False) refused unless asked
 
 
 class ApiError(Exception):
@@ -120,7 +126,8 @@ _OPENAI_TYPES = {"Overloaded": "rate_limit_error", "Unhealthy": "service_unavail
 
 def _openai_error(err: ApiError) -> Response:
     kind = _OPENAI_TYPES.get(err.error_type, "invalid_request_error")
-    return _json({"error": {"message": str(err), "type": kind, "param": err.param, "code": None}}, err.status)
+    code = "not_in_snapshot" if err.error_type == "NotFound" else None
+    return _json({"error": {"message": str(err), "type": kind, "param": err.param, "code": code}}, err.status)
 
 
 def create_app(service: Service, limits: Limits = Limits(), served_name: str = "querycache") -> Starlette:
@@ -130,7 +137,9 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
     """
     in_flight = 0  # requests being answered; read and written on the event loop only
     metrics = Metrics()
-    service.batcher.on_round = metrics.round
+    if service.batcher:
+        service.batcher.on_round = metrics.round
+    engine = service.engine  # None without a fallback
 
     def route(method: str, render: Callable[[ApiError], Response]):
         """A handler that answers an :class:`ApiError` in ``render``'s shape, and 429 when the server is full."""
@@ -158,30 +167,54 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
 
         return wrap
 
-    async def answers(inputs: list[str], task: str) -> Lookup:
-        """The answers of ``inputs`` for a route of ``task``: hits from the snapshot, misses from the model."""
+    def serving(task: str) -> None:
         if service.task != task:
             raise ApiError(424, "Backend", f"this server answers {service.task}: use {ROUTES[service.task]}")
+
+    async def answers(inputs: list[str], task: str, truncate: bool) -> Lookup:
+        """The answers of ``inputs`` for a route of ``task``: hits from the snapshot, misses from the model
+        (None without one, and for a fill-mask template whose mask was cut)."""
+        serving(task)
         cache = service.cache
         partial = cache.known(inputs)  # hits: microseconds, on the loop itself
         found = await run_in_threadpool(cache.complete, partial) if partial.missing else cache.complete(partial)
-        for i, result in enumerate(found.results):  # None: an empty key, or a fill-mask template whose mask was cut
-            if result is None and not is_query(normalize(inputs[i])):
+        for i, key in enumerate(found.keys):
+            if not is_query(key):
                 raise ApiError(
                     400, "Empty", f"inputs[{i}] is empty once normalised (spaces or invisible only)", "input"
                 )
+        if not truncate and engine is not None:
+            overlong = await run_in_threadpool(engine.overlong, found.keys)
+            if overlong:
+                raise ApiError(
+                    413,
+                    "Validation",
+                    f"inputs[{overlong[0]}] is longer than the model's maximum of {engine.max_length} tokens: "
+                    "shorten it or send truncate: true",
+                    "input",
+                )
         return found
 
-    stored_unit = bool(service.engine.settings.get("normalize"))  # the model version answers unit vectors
+    def missed(found: Lookup) -> list[int]:
+        """Positions without an answer because no fallback model is loaded."""
+        return [] if engine is not None else [i for i, r in enumerate(found.results) if r is None]
+
+    stored_unit = bool(service.model.get("normalize"))  # the model version answers unit vectors
 
     def unit(vectors: np.ndarray) -> np.ndarray:
         if stored_unit:
             return vectors
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
-    async def embeddings(inputs: list[str]) -> tuple[np.ndarray, Lookup]:
-        found = await answers(inputs, "embed")
-        return np.stack(found.results).astype(np.float32, copy=False), found
+    async def embeddings(inputs: list[str], truncate: bool) -> tuple[np.ndarray, Lookup]:
+        found = await answers(inputs, "embed", truncate)
+        rows = [r for r in found.results if r is not None]
+        return np.stack(rows).astype(np.float32, copy=False) if rows else np.zeros((0, 0), np.float32), found
+
+    def with_nulls(rows: Any, found: Lookup) -> list[Any]:
+        """``rows`` (one per answered input) in the places of their inputs, None where no answer exists."""
+        rows = iter(rows)
+        return [None if r is None else next(rows) for r in found.results]
 
     def headers(found: Lookup, start: float) -> dict[str, str]:
         return {
@@ -196,9 +229,9 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
         body = await _body(request, limits)
         inputs = _inputs(body.get("inputs"), "inputs", limits)
         normalize_output = _flag(body, "normalize", True)
-        _flag(body, "truncate", False)
-        vectors, found = await embeddings(inputs)
-        return _json(unit(vectors) if normalize_output else vectors, headers=headers(found, start))
+        vectors, found = await embeddings(inputs, _flag(body, "truncate", limits.auto_truncate))
+        vectors = unit(vectors) if normalize_output else vectors
+        return _json(with_nulls(vectors, found) if missed(found) else vectors, headers=headers(found, start))
 
     @route("openai_embeddings", _openai_error)
     async def openai_embeddings(request: Request) -> Response:
@@ -208,11 +241,14 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
             raise ApiError(422, "Validation", "`encoding_format` must be float or base64", "encoding_format")
-        vectors, found = await embeddings(inputs)
+        vectors, found = await embeddings(inputs, limits.auto_truncate)
+        if missed(found):
+            i = missed(found)[0]
+            raise ApiError(404, "NotFound", f"input[{i}] is not in the snapshot and no model answers misses", "input")
         vectors = unit(vectors)  # OpenAI's embeddings are unit vectors
         if body.get("dimensions") not in (None, vectors.shape[1]):
             raise ApiError(422, "Validation", f"this model answers {vectors.shape[1]} dimensions only", "dimensions")
-        tokens = await run_in_threadpool(service.engine.count_tokens, found.keys)
+        tokens = await run_in_threadpool(engine.count_tokens, found.keys) if engine else [0]
         if encoding == "base64":  # little-endian float32, as OpenAI's client decodes it
             rows = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in vectors]
         else:
@@ -229,9 +265,11 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
         if _flag(body, "raw_scores", False):
             raise ApiError(422, "Validation", "snapshots hold probabilities, not raw scores", "raw_scores")
         inputs = _inputs(body.get("inputs"), "inputs", limits)
-        found = await answers(inputs, "classify")
+        found = await answers(inputs, "classify", _flag(body, "truncate", limits.auto_truncate))
         ranked = [
-            [{"score": p, "label": label} for label, p in sorted(r["scores"].items(), key=lambda kv: -kv[1])]
+            None
+            if r is None
+            else [{"score": p, "label": label} for label, p in sorted(r["scores"].items(), key=lambda kv: -kv[1])]
             for r in found.results
         ]
         return _json(ranked[0] if isinstance(body["inputs"], str) else ranked, headers=headers(found, start))
@@ -241,15 +279,18 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
         start = time.perf_counter()
         body = await _body(request, limits)
         inputs = _inputs(body.get("inputs"), "inputs", limits)
-        stored = service.engine.config.top_k
+        serving("fill-mask")
+        stored = service.model["top_k"]
         top_k = body.get("top_k", stored)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 < top_k <= stored:
             raise ApiError(422, "Validation", f"`top_k` must be an integer from 1 to {stored}, what is stored", "top_k")
-        found = await answers(inputs, "fill-mask")
+        found = await answers(inputs, "fill-mask", _flag(body, "truncate", limits.auto_truncate))
         predictions = [  # per input: the top_k of each mask position (none where the template's mask was cut)
             [{**p, "position": j} for j, position in enumerate(r or []) for p in position[:top_k]]
             for r in found.results
         ]
+        for i in missed(found):
+            predictions[i] = None
         return _json(predictions, headers=headers(found, start))
 
     async def models(request: Request) -> Response:
@@ -257,7 +298,7 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
         return _json({"object": "list", "data": [model]})
 
     async def prometheus(request: Request) -> Response:
-        text = metrics.render(service.cache.metrics(), service.task, service.batcher.queued())
+        text = metrics.render(service.cache.metrics(), service.task, service.batcher.queued() if service.batcher else 0)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def health(request: Request) -> Response:

@@ -3,7 +3,9 @@
 The engine is configured from the current snapshot's manifest (task, dtype, pooling, normalisation,
 maximum length, template, top-k), so that its fingerprint, the model version, can equal the
 snapshot's. When it does not, the service refuses to start, or (``allow_model_mismatch``) answers
-everything from the model and says so: answers of two model versions are never mixed.
+everything from the model and says so: answers of two model versions are never mixed. Without a
+fallback (``no_fallback``) no model is loaded: the service answers what the snapshot holds, only from
+snapshots of the model version it started with, and a miss has no answer.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from querycache.inference import Engine, EngineConfig
-from querycache.serve.batcher import Batcher
 from querycache.store import ReadThroughCache, SnapshotError
 from querycache.store.format import read_manifest
 from querycache.store.publish import current_id, resolve
+
+if TYPE_CHECKING:
+    from querycache.inference import Engine, EngineConfig
+    from querycache.serve.batcher import Batcher
 
 log = logging.getLogger(__name__)
 SETTINGS = ("task", "dtype", "max_length", "pooling", "normalize", "template", "top_k")  # of a manifest's model
@@ -30,19 +34,24 @@ class ModelMismatchError(Exception):
 
 @dataclass
 class Service:
-    """A root's read-through cache, whose misses go to the batcher of the snapshot's model version."""
+    """A root's read-through cache, whose misses go to the batcher of the snapshot's model version.
+
+    ``model`` describes the model version answers come from (task, dtype, max_length, normalize,
+    top_k, fingerprint): the engine's, or without a fallback (``batcher`` None) the snapshot's.
+    """
 
     cache: ReadThroughCache
-    batcher: Batcher
-    model_matches: bool
+    model: dict[str, Any]
+    batcher: Batcher | None = None
+    model_matches: bool = True
 
     @property
-    def engine(self) -> Engine:
-        return self.batcher.engine
+    def engine(self) -> Engine | None:
+        return self.batcher.engine if self.batcher else None
 
     @property
     def task(self) -> str:
-        return self.engine.config.task
+        return self.model["task"]
 
     def ready(self) -> bool:
         """Whether a snapshot is being served (or, with a model mismatch allowed, the model answers)."""
@@ -52,24 +61,28 @@ class Service:
     def info(self) -> dict[str, Any]:
         metrics = self.cache.metrics()
         return {
-            "model_id": str(self.engine.model_dir),
-            "model_fingerprint": self.engine.fingerprint,
-            "model_dtype": self.engine.dtype,
+            "model_id": self.model.get("model_dir"),
+            "model_fingerprint": self.model["fingerprint"],
+            "model_dtype": self.model.get("dtype"),
             "task": self.task,
             "snapshot_id": metrics["snapshot_id"],
             "snapshot_in_use": metrics["snapshot_in_use"],
-            "max_input_length": self.engine.max_length,
-            "max_batch_tokens": self.engine.token_budget,
-            "miss_rounds": dataclasses.asdict(self.batcher.stats),
+            "fallback": self.batcher is not None,
+            "max_input_length": self.model.get("max_length"),
+            "max_batch_tokens": self.engine.token_budget if self.engine else None,
+            "miss_rounds": dataclasses.asdict(self.batcher.stats) if self.batcher else None,
         }
 
     def close(self) -> None:
         self.cache.close()
-        self.batcher.close()
+        if self.batcher:
+            self.batcher.close()
 
 
 def engine_config(model: dict, model_dir: str | None, device: str) -> EngineConfig:
     """The engine a manifest's ``model`` block describes, loaded from ``model_dir`` on ``device``."""
+    from querycache.inference import EngineConfig
+
     given = {name: model[name] for name in SETTINGS if model.get(name) is not None}
     return EngineConfig(model_dir=model_dir, device=device, **given)
 
@@ -80,12 +93,14 @@ def load_service(
     *,
     device: str = "auto",
     allow_model_mismatch: bool = False,
+    no_fallback: bool = False,
 ) -> Service:
     """Open ``root`` (a snapshot root: hot reload follows its ``CURRENT``) and load the fallback model.
 
     ``model_dir`` defaults to the directory the snapshot's manifest names, where it exists here,
     else the shipped default model. Raises :class:`ModelMismatchError` (one line) when that model's
-    fingerprint is not the snapshot's, unless ``allow_model_mismatch``.
+    fingerprint is not the snapshot's, unless ``allow_model_mismatch``. With ``no_fallback`` no model
+    is loaded (nor torch imported): misses have no answer.
     """
     if current_id(root) is None:
         raise SnapshotError(
@@ -97,6 +112,12 @@ def load_service(
     except SnapshotError as err:
         raise SnapshotError(f"{err}; serve needs a root with a published snapshot") from None
     model = manifest["model"]
+    if no_fallback:
+        described = {"task": manifest["task"], "top_k": manifest["result"].get("top_k"), **model}
+        return Service(ReadThroughCache(root, fingerprint=model["fingerprint"]), described)
+    from querycache.inference import Engine
+    from querycache.serve.batcher import Batcher
+
     if model_dir is None and model.get("model_dir") and os.path.isdir(model["model_dir"]):
         model_dir = model["model_dir"]
     engine = Engine(engine_config(model, model_dir, device))
@@ -113,4 +134,4 @@ def load_service(
             )
         log.warning("%s: answering every request from the model, none from the snapshot", words)
     batcher = Batcher(engine)
-    return Service(ReadThroughCache(root, fallback=batcher), batcher, matches)
+    return Service(ReadThroughCache(root, fallback=batcher), engine.describe(), batcher, matches)

@@ -54,7 +54,11 @@ class Partial(NamedTuple):
 
 
 class ReadThroughCache:
-    """Serve lookups from the current snapshot of ``root``; send misses to ``fallback``."""
+    """Serve lookups from the current snapshot of ``root``; send misses to ``fallback``.
+
+    Only snapshots of model version ``fingerprint`` answer (default: the fallback's ``fingerprint``
+    attribute; None: any snapshot).
+    """
 
     def __init__(
         self,
@@ -65,9 +69,11 @@ class ReadThroughCache:
         check_every: int = 1024,
         check_seconds: float = 1.0,
         verify: bool = True,
+        fingerprint: str | None = None,
     ):
         self.root = Path(root)
         self.fallback = fallback
+        self.fingerprint = fingerprint or getattr(fallback, "fingerprint", None)
         self.lru_size = lru_size
         self.check_every, self.check_seconds, self.verify = check_every, check_seconds, verify
         self._lru: OrderedDict[str, Any] = OrderedDict()
@@ -270,12 +276,11 @@ class ReadThroughCache:
             "serving snapshot %s (%d rows)%s",
             fresh.id,
             len(fresh),
-            "" if usable else "; model fingerprint differs from the fallback's, answering through it",
+            "" if usable else "; its model version is not the one served: not answering from it",
         )
 
     def _fingerprint_matches(self, snap: Snapshot) -> bool:
-        fingerprint = getattr(self.fallback, "fingerprint", None)
-        return fingerprint is None or fingerprint == snap.manifest["model"]["fingerprint"]
+        return self.fingerprint is None or self.fingerprint == snap.manifest["model"]["fingerprint"]
 
     # -- introspection -------------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:

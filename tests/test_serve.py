@@ -423,3 +423,73 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(cli, root, tmp_path):
         result = cli("serve", target)
         assert result.exit_code == 2 and words in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+LONG = " ".join(f"word{i}" for i in range(2_000))  # far over any model's maximum length
+
+
+def test_overlong_inputs_are_truncated_unless_the_request_says_not_to(server):
+    assert server.post("/embed", json={"inputs": [LONG, STORED[0]]}).status_code == 200
+    assert server.post("/embed", json={"inputs": LONG, "truncate": True}).status_code == 200
+    refused = server.post("/embed", json={"inputs": [STORED[0], LONG], "truncate": False})
+    assert refused.status_code == 413 and refused.json()["error_type"] == "Validation"
+    assert "inputs[1] is longer than the model's maximum" in refused.json()["error"]
+    assert server.post("/embed", json={"inputs": STORED[0], "truncate": False}).status_code == 200
+
+
+def test_no_truncate_refuses_overlong_inputs_unless_a_request_asks(root, tiny_bert):
+    process, url = _serve(root, "--model", str(tiny_bert), "--no-truncate")
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/info").json()["auto_truncate"] is False
+            assert client.post("/embed", json={"inputs": LONG}).status_code == 413
+            assert client.post("/embed", json={"inputs": LONG, "truncate": True}).status_code == 200
+            openai = client.post("/v1/embeddings", json={"input": [LONG]})
+            assert openai.status_code == 413 and openai.json()["error"]["param"] == "input"
+            assert client.post("/embed", json={"inputs": STORED}).status_code == 200
+    finally:
+        _stop(process)
+
+
+def test_no_fallback_answers_only_the_snapshot_without_loading_a_model(root, tmp_path):
+    served = tmp_path / "served"
+    shutil.copytree(root, served, symlinks=True)
+    process, url = _serve(served, "--no-fallback")
+    try:
+        with open(f"/proc/{process.pid}/maps") as maps:
+            assert "libtorch" not in maps.read()  # no model, not even torch, is loaded
+        with httpx.Client(base_url=url, timeout=60) as client, Snapshot.open(served) as snap:
+            info = client.get("/info").json()
+            assert info["fallback"] is False and info["model_fingerprint"] == snap.manifest["model"]["fingerprint"]
+            response = client.post("/embed", json={"inputs": [MISSES[0], STORED[1]]})
+            assert response.status_code == 200 and response.headers["x-querycache-hits"] == "1"
+            miss, hit = response.json()
+            assert miss is None
+            np.testing.assert_allclose(hit, _unit([snap.get(STORED[1])])[0], rtol=1e-6, atol=1e-7)
+            assert client.post("/embed", json={"inputs": MISSES}).json() == [None, None]
+            missing = client.post("/v1/embeddings", json={"input": [STORED[0], MISSES[1]]})
+            assert missing.status_code == 404
+            assert (
+                missing.json()["error"]["code"] == "not_in_snapshot"
+                and "input[1]" in missing.json()["error"]["message"]
+            )
+            found = client.post("/v1/embeddings", json={"input": STORED[0]}).json()
+            assert len(found["data"]) == 1 and found["usage"]["prompt_tokens"] == 0
+            assert "te_queue_size 0" in client.get("/metrics").text
+            # a snapshot of another model version is not served: nothing would vouch for its answers
+            dim = len(snap.get(STORED[0]))
+        make_snapshot(served, {STORED[0]: np.ones(dim, np.float32)}, SCHEMA | {"dim": dim}, fingerprint="e" * 64)
+        httpx_client = httpx.Client(base_url=url, timeout=60)
+        deadline = time.monotonic() + 30
+        while httpx_client.get("/health").status_code == 200 and time.monotonic() < deadline:
+            httpx_client.post("/embed", json={"inputs": STORED[0]})  # lookups check CURRENT
+            time.sleep(0.2)
+        assert httpx_client.get("/health").status_code == 503
+        assert httpx_client.post("/embed", json={"inputs": STORED[0]}).json() == [None]
+    finally:
+        _stop(process)
+
+
+def test_no_fallback_refuses_a_model_in_one_line(cli, root, tiny_bert):
+    result = cli("serve", str(root), "--no-fallback", "--model", str(tiny_bert))
+    assert result.exit_code == 2 and "--no-fallback loads no model" in result.output
