@@ -77,9 +77,7 @@ def serve(
       querycache serve demo-root --port 3000
       curl -s localhost:3000/embed -H 'content-type: application/json' -d '{"inputs": ["hotels in rome"]}'
     """
-    require_extra(
-        "serve", "serve", ("starlette", "uvicorn", "orjson") + (() if no_fallback else ("torch", "transformers"))
-    )
+    require_extra("serve", "serve", ("uvicorn", "orjson") + (() if no_fallback else ("torch", "transformers")))
     if fs.is_remote(root):
         raise UserError(f"serve memory-maps local files: pass a local ROOT and --pull-from {root}")
     if no_fallback and (model_dir or kw["allow_model_mismatch"]):

@@ -493,3 +493,12 @@ def test_no_fallback_answers_only_the_snapshot_without_loading_a_model(root, tmp
 def test_no_fallback_refuses_a_model_in_one_line(cli, root, tiny_bert):
     result = cli("serve", str(root), "--no-fallback", "--model", str(tiny_bert))
     assert result.exit_code == 2 and "--no-fallback loads no model" in result.output
+
+
+def test_unknown_paths_and_methods_are_json_errors(server):
+    missing = server.get("/nope")
+    assert missing.status_code == 404 and missing.json()["error_type"] == "NotFound"
+    wrong = server.get("/embed")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST" and "not GET" in wrong.json()["error"]
+    head = server.head("/health")
+    assert head.status_code == 200 and head.content == b""
