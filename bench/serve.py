@@ -7,6 +7,10 @@ the server as its own process, then drives it with wrk (Debian's ``wrk``): ``/he
 floor), one-input ``/embed`` hits, misses (a new query each request) at 1 and 64 connections, and an
 80/20 hit/miss mix at 64. Prints requests/s, p50 and p99 latency, non-2xx replies and the ratios of
 the targets of issue 20: hits / floor >= 0.7, hit p99 <= 10 ms, misses at 64 / misses at 1 >= 3.
+
+The ceiling of a hit is measured in the same run: a ten-line ASGI callable on the same uvicorn
+answering every request of the hits script with the bytes of one real hit, without reading them
+from anything: what HTTP alone costs for a request and an answer of that size.
 """
 
 from __future__ import annotations
@@ -39,6 +43,20 @@ request = function()
 end
 """
 MISS_WHEN = {"hits": "false", "misses": "true", "mix": "n %% 5 == 0"}
+CEILING = """
+BODY = %r
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%%d" %% len(BODY))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": BODY})
+"""
 
 
 def _port() -> int:
@@ -76,6 +94,19 @@ def _wrk(url: str, connections: int, seconds: int, script: Path | None) -> dict:
     }
 
 
+def _start(command: list[str], url: str) -> subprocess.Popen:
+    """A server process, once ``url``/health answers."""
+    server = subprocess.Popen(command)
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            return server
+        except OSError:
+            time.sleep(0.2)
+    server.kill()
+    sys.exit(f"{' '.join(command)} did not answer in 60 s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=2000)
@@ -87,17 +118,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qc-serve-bench-") as name:
         tmp = Path(name)
         root, heads = _build(args.queries, args.model, tmp)
-        port = _port()
-        command = [sys.executable, "-m", "querycache", "serve", str(root), "--port", str(port), "--quiet"]
-        server = subprocess.Popen([*command, *(["--model", args.model] if args.model else [])])
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{_port()}"
+        command = [sys.executable, "-m", "querycache", "serve", str(root), "--port", url.rsplit(":", 1)[1], "--quiet"]
+        server = _start([*command, *(["--model", args.model] if args.model else [])], url)
         try:
-            for _ in range(300):
-                try:
-                    urllib.request.urlopen(f"{url}/health", timeout=1)
-                    break
-                except OSError:
-                    time.sleep(0.2)
+            hit = urllib.request.Request(f"{url}/embed", json.dumps({"inputs": [heads[0]]}).encode())
+            (tmp / "ceiling.py").write_text(CEILING % urllib.request.urlopen(hit).read())
             quoted = ", ".join(json.dumps(q, ensure_ascii=False) for q in heads)  # LuaJIT reads no \u escapes
             scripts = {}
             for kind, when in MISS_WHEN.items():
@@ -116,6 +142,17 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
+        ceiling_url = f"http://127.0.0.1:{_port()}"
+        uvicorn = ["uvicorn", "ceiling:app", "--app-dir", str(tmp), "--loop", "uvloop", "--http", "httptools"]
+        ceiling = _start(
+            [sys.executable, "-m", *uvicorn, "--port", ceiling_url.rsplit(":", 1)[1], "--log-level", "warning"],
+            ceiling_url,
+        )
+        try:
+            figures["ceiling: constant hit, 64 conn."] = _wrk(ceiling_url, 64, args.seconds, scripts["hits"])
+        finally:
+            ceiling.terminate()
+            ceiling.wait(30)
     print(f"model {info['model_id']} ({info['model_dtype']}), {len(heads)} stored queries, wrk -t1 {args.seconds} s")
     print(f"{'run':34s} {'requests/s':>11s} {'p50 ms':>8s} {'p99 ms':>8s} {'non-2xx':>8s}")
     for label, f in figures.items():
@@ -123,7 +160,11 @@ def main() -> None:
         print(row, f["socket_errors"])
     floor, hits = figures["health, 64 connections"], figures["hits, 64 connections"]
     one, many = figures["misses, 1 connection"], figures["misses, 64 connections"]
+    top = figures["ceiling: constant hit, 64 conn."]
     print(f"hits / floor at 64: {hits['rps'] / floor['rps']:.2f} (>= 0.7); hit p99 {hits['p99_ms']:.2f} ms (<= 10)")
+    print(
+        f"ceiling / floor: {top['rps'] / floor['rps']:.2f} (HTTP alone); hits / ceiling: {hits['rps'] / top['rps']:.2f}"
+    )
     print(
         f"hits / misses at 64: {hits['rps'] / many['rps']:.1f}x; misses 64 / 1: {many['rps'] / one['rps']:.2f} (>= 3)"
     )
