@@ -25,6 +25,10 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 KEY_FUNCTION = {"name": "nfkc-casefold-collapse", "version": 1}
 """Name and version of :func:`normalize`, recorded in every manifest."""
@@ -93,6 +97,31 @@ def query_key(query: str) -> bytes:
             raw = b" ".join(raw.split())
         return raw if len(raw) <= MAX_KEY_BYTES else key_bytes(raw.decode())
     return key_bytes(normalize(query))
+
+
+def normalize_column(queries: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """:func:`normalize` of each string of an Arrow column (nulls stay null), computed once per distinct value.
+
+    Distinct printable-ASCII values, the bulk of real logs, are folded by Arrow compute (lower, runs
+    of spaces collapsed, trimmed: ``" "`` is their only whitespace); every other value goes through
+    :func:`normalize`. The keys are those of :func:`normalize`, exactly (a property test holds both
+    to it); Arrow's own ``utf8_lower`` and RE2's ``\\s`` differ from it beyond ASCII.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(queries, pa.ChunkedArray):
+        queries = queries.combine_chunks()
+    encoded = pc.dictionary_encode(queries.cast(pa.string()))
+    values = encoded.dictionary
+    printable = pc.ascii_is_printable(values)
+    folded = pc.utf8_trim(pc.replace_substring(pc.ascii_lower(values), "  ", " "), " ")
+    while pc.any(pc.match_substring(folded, "  ")).as_py():  # a run of n spaces takes log2(n) rounds
+        folded = pc.replace_substring(folded, "  ", " ")
+    others = pc.filter(values, pc.invert(printable)).to_pylist()
+    if others:
+        folded = pc.replace_with_mask(folded, pc.invert(printable), pa.array(map(normalize, others), pa.string()))
+    return pc.take(folded, encoded.indices)
 
 
 def query_list(queries: Iterable[str]) -> list[str]:

@@ -1,9 +1,10 @@
 """The key function: total, idempotent, and equal for spellings a user would call the same."""
 
+import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from querycache.store.keys import MAX_KEY_BYTES, key_bytes, normalize, query_key, query_keys
+from querycache.store.keys import MAX_KEY_BYTES, key_bytes, normalize, normalize_column, query_key, query_keys
 
 
 @settings(max_examples=3000)
@@ -50,3 +51,17 @@ def test_batched_key_bytes_match_the_key_function(queries):
     want = [key_bytes(normalize(q)) for q in queries]
     assert [query_key(q) for q in queries] == want
     assert query_keys(queries) == want
+
+
+UTF8_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)))  # what an Arrow string can hold
+SPACED_ASCII = st.text(alphabet=" \t\n\x0b\x0c\r\x1c\x1f\x7fAbZz09~-İıßΣς\u3000\u200b\u00a0", max_size=30)
+
+
+@settings(max_examples=500)
+@given(st.lists(st.one_of(UTF8_TEXT, SPACED_ASCII, st.none(), st.just(" " * 37 + "X" + " " * 5)), max_size=40))
+def test_the_column_key_function_is_the_key_function(queries):
+    column = pa.array(queries, pa.string())
+    want = [None if q is None else normalize(q) for q in queries]
+    assert normalize_column(column).to_pylist() == want
+    halves = pa.chunked_array([column[: len(queries) // 2], column[len(queries) // 2 :]], pa.string())
+    assert normalize_column(halves).to_pylist() == want
