@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from querycache.transforms import records
 from querycache.transforms.normalize import check_query
 from querycache.transforms.privacy import luhn_valid, pii_reason
 from querycache.transforms.records import LogFields, decompressed, format_of, parse_stream
@@ -189,3 +190,101 @@ def test_concatenated_gzip_members_are_one_log_and_a_plain_name_is_not_decompres
     ]
     raw = io.BytesIO(b"x\n")
     assert decompressed("log.txt", raw) is raw
+
+
+GOOD = b'{"query":"Good one","user":"u1","count":2}'
+HOSTILE_JSONL = [
+    b'{"query":\n"x","user":"u","count":1}',
+    b'{"query":"a","user":"u","count":1}{"query":"b","user":"u","count":1}',
+    b'{"query":"a","user":"u","count":1} {"query":"b","user":"u","count":1}',
+    b"null",
+    b'"string"',
+    b"123",
+    b"[]",
+    b"{}",
+    b"true",
+    b'{"qu\\u0065ry":"x","user":"u","count":1}',
+    b'{"query":"a","user":"u","count":1,}',
+    b'{"query":"a","user":"u","count":1} // c',
+    b'/* c */ {"query":"a","user":"u","count":1}',
+    b"{'query':'a','user':'u','count':1}",
+    b'\xef\xbb\xbf{"query":"a","user":"u","count":1}',
+    b'{"query":"a","user":"u","count":1e2}',
+    b'{"query":"a","user":"u","count":100000000000000000000}',
+    b'{"query":"a","user":"u","count":-0}',
+    b'{"query":"a","user":"u","count":0}',
+    b'{"query":"a","user":"u","count":1099511627777}',
+    b'{"query":"a","user":"","count":1}',
+    b'{"query":"a","user":"\\u3000","count":1}',
+    b'{"query":"a","user":" ","count":1}',
+    b'{"query":"a","count":1}',
+    b'{"query":null,"user":"u","count":1}',
+    b'{"user":"u","count":1}',
+    b'{"query":"a","user":"u"}',
+    b'{"query":"a","user":"u","count":null}',
+    b'{"query":"a","user":7,"count":1}',
+    b'{"query":"a","user":"u","count":"5"}',
+    b'{"query":"a","user":"u","count":true}',
+    b'{"query":"\\ud83d\\ude00","user":"u","count":1}',
+    b'{"query":"\\ud800","user":"u","count":1}',
+    b'{"query":"a\\u0000b","user":"u","count":1}',
+    b'{"query":"a","user":"u","count":1,"x":NaN}',
+    b'{"query":"a","user":"u","count":1,"x":1e400}',
+    b'{"query":"a","user":"u","count":1,"x":"\xff"}',
+    b'{"query":"\xc3\xa9t\xc3\xa9","user":"u","count":1}',
+    b"  ",
+    b"",
+    b"\t",
+    b"\x0c",
+    b"\r",
+    b'{"query":"a","user":"u","count":1}\r',
+    b'{"query":"a","query":"b","user":"u","count":1}',
+    b'{"query":"a","user":"u","count":1,"count":2}',
+    b'{"query":"a","user":"u","count":1,"x":1,"x":2}',
+    b'{"query":"a","user":"u","count":1,"nested":{"query":"zzz"}}',
+    b'{"query":"a","user":"u","count":01}',
+    b'{"query":"a","user":"u","count":+1}',
+    b'{"query":"a","user":"u","count":1.0}',
+    b'{"query":"a","user":"u","count":1,"x":[' + b"[" * 5000 + b"]" * 5000 + b"]}",
+    b'{"query":"a\\/b","user":"u","count":1}',
+    b'{"query":"tab\there","user":"u","count":1}',
+    b'{"query":"a","user":"u","count":1} \x00',
+    b"\x00",
+    b'{"query":"a","user":"u","count":1}}',
+    b'{"query":"a","user":"u","count":1',
+    b'{"query":"a","user":["u"],"count":1}',
+    b'{"query":["a"],"user":"u","count":1}',
+    b'{"query":{"a":1},"user":"u","count":1}',
+    b'{"query":"a","user":"u","count":[1]}',
+    b'{"query":"a","user":"u","count":9223372036854775807}',
+    b'{"query":"a","user":"u","count":-9223372036854775809}',
+    b'{"query":"a","user":"u","count":1,"ts":"x"}',
+    b'{"Query":"a","user":"u","count":1}',
+]
+
+
+def _line_by_line(data: bytes, fields: LogFields) -> list:
+    """The reference: each line read and classified on its own, as before blocks."""
+    return [
+        records._parse_line("f.jsonl", i, raw, "jsonl", fields, None) for i, raw in records._lines(io.BytesIO(data), 1)
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.sampled_from(HOSTILE_JSONL)), max_size=6),
+    st.sampled_from([64, 300, 1 << 20]),
+    st.booleans(),
+)
+def test_jsonl_blocks_classify_every_line_as_the_line_reader_does(hostile, block, final_newline):
+    """Arrow reads blocks of lines; each line still ends as the record or the dead letter it was."""
+    lines = [GOOD] * 40
+    for position, line in hostile:
+        lines.insert(position, line)
+    data = b"\n".join(lines) + (b"\n" if final_newline else b"")
+    default, records.JSONL_BLOCK = records.JSONL_BLOCK, block
+    try:
+        for fields in (LogFields(count="count", user="user"), LogFields()):
+            assert list(parse_stream("f.jsonl", io.BytesIO(data), fields)) == _line_by_line(data, fields)
+    finally:
+        records.JSONL_BLOCK = default

@@ -11,8 +11,10 @@ import bz2
 import csv
 import datetime as dt
 import gzip
+import io
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -193,43 +195,225 @@ def _parse(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record
     if fmt == "parquet":
         yield from _parse_parquet(source, stream, fields)
         return
+    if fmt == "jsonl" and not (fields.time or fields.label):
+        yield from _parse_jsonl_blocks(source, stream, fields)
+        return
     header: list[str] | None = None
     number = 0
     for raw in iter(stream.readline, b""):
         raw = raw.rstrip(b"\r\n")
         if number == 0 and header is None:
-            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+            raw = raw.removeprefix(BOM)
         if fmt in ("csv", "tsv") and header is None:
             header = _cells(raw.decode("utf-8", "replace"), "\t" if fmt == "tsv" else ",") or []
             continue
         number += 1
-        row = _fast_json(raw) if fmt == "jsonl" else None
-        if row is None:
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield rejection(source, number, "invalid_utf8", raw)
-                continue
+        yield _parse_line(source, number, raw, fmt, fields, header)
+
+
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, skipped at the start of a file
+
+
+def _parse_line(
+    source: str, number: int, raw: bytes, fmt: str, fields: LogFields, header: list[str] | None
+) -> Record | dict:
+    """The record or the rejection of line ``number`` (``raw``, without its line break)."""
+    row = _fast_json(raw) if fmt == "jsonl" else None
+    if row is None:
         try:
-            if row is not None:
-                values = _record(row, fields, utf8=True)
-            elif fmt == "text":
-                if fields.label:
-                    raise _Reject("missing_label")
-                values = text, 1, None
-            elif not text.strip():
-                raise _Reject("blank_line")
-            elif fmt == "jsonl":
-                values = _record(_json_object(text), fields)
-            else:
-                values = _record(_csv_row(text, header, "\t" if fmt == "tsv" else ","), fields, utf8=True)
-        except _Reject as rej:
-            yield rejection(source, number, rej.reason, raw)
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return rejection(source, number, "invalid_utf8", raw)
+    try:
+        if row is not None:
+            values = _record(row, fields, utf8=True)
+        elif fmt == "text":
+            if fields.label:
+                raise _Reject("missing_label")
+            values = text, 1, None
+        elif not text.strip():
+            raise _Reject("blank_line")
+        elif fmt == "jsonl":
+            values = _record(_json_object(text), fields)
+        else:
+            values = _record(_csv_row(text, header, "\t" if fmt == "tsv" else ","), fields, utf8=True)
+    except _Reject as rej:
+        return rejection(source, number, rej.reason, raw)
+    except Exception as err:  # noqa: BLE001 - whatever else a line does, it is one dead letter
+        return rejection(source, number, "unprocessable", f"{type(err).__name__}: {raw[:EXCERPT_CHARS]!r}")
+    return *values[:3], source, number, *values[3:]
+
+
+JSONL_BLOCK = 1 << 20  # bytes of whole lines parsed by Arrow at once
+_PER_LINE = 8  # a range of this many lines or fewer that Arrow refuses is classified line by line
+_DEEP = 512  # brackets on a line that may nest beyond what orjson reads: the line reader decides
+_ARROW_ROW = re.compile(r" in row (\d+)")
+
+
+def _parse_jsonl_blocks(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict]:
+    """JSONL read in blocks of whole lines by ``pyarrow.json`` with a schema of the named fields only.
+
+    Arrow is given only ranges of lines that each start with ``{``, hold valid UTF-8 and fewer than
+    ``_DEEP`` brackets (it skips blank lines without a row, reads any nesting where the line reader
+    stops at 1,024 levels, and pyarrow 25 crashes on a block that starts with ``null``). What it
+    refuses (a field of another type, a line that is not one object) is narrowed down to its lines, which
+    :func:`_parse_line` classifies exactly as a line-by-line read does; what Arrow reads but the
+    contract refuses (a null query, a bad count, a blank user) is found column-wise. Every line gives
+    one record or one rejection, in order. A file that keeps failing blocks is read line by line.
+    """
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    names = [name for name in (fields.query, fields.count, fields.user) if name]
+    types = {fields.query: pa.string(), fields.count: pa.int64(), fields.user: pa.string()}
+    if len(set(names)) < len(names):  # one field in two roles: the line-by-line read decides
+        yield from (_parse_line(source, i, raw, "jsonl", fields, None) for i, raw in _lines(stream, 1))
+        return
+    schema = pa.schema([(name, types[name]) for name in names])
+    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+
+    def read(chunk: bytes) -> pa.Table:
+        block = pj.ReadOptions(use_threads=False, block_size=len(chunk) + 1)
+        return pj.read_json(io.BytesIO(chunk), read_options=block, parse_options=options)
+
+    number = 0
+    for block in _line_blocks(stream, JSONL_BLOCK):
+        items = _jsonl_block(source, block, number + 1, fields, read)
+        number += len(items)
+        yield from items
+
+
+def _lines(stream: IO[bytes], first: int) -> Iterator[tuple[int, bytes]]:
+    for number, raw in enumerate(iter(stream.readline, b""), first):
+        yield number, (raw.removeprefix(BOM) if number == 1 else raw).rstrip(b"\r\n")
+
+
+def _line_blocks(stream: IO[bytes], size: int) -> Iterator[bytes]:
+    """The stream in blocks of about ``size`` bytes that end at a line break (or the end of the file).
+
+    A decompressor's ``EOFError`` (a stream cut short) comes after the block of the whole lines read
+    before it, as a line-by-line read would have yielded them.
+    """
+    read = getattr(stream, "read1", stream.read)  # read1: one decompressor call, nothing lost if it raises
+    chunks: list[bytes] = []
+    held = 0
+    first, lone_bom = True, False
+    while True:
+        try:
+            chunk = read(size)
+        except EOFError:
+            pending = b"".join(chunks)
+            if b"\n" in pending:
+                yield pending[: pending.rindex(b"\n") + 1]
+            raise
+        if first and chunk.startswith(BOM):
+            chunk = chunk[len(BOM) :]
+            lone_bom = not chunk  # a file of a byte-order mark alone is one empty line
+        first = False
+        if not chunk:
+            if chunks or lone_bom:
+                yield b"".join(chunks) or b"\n"
+            return
+        chunks.append(chunk)
+        lone_bom = False
+        held += len(chunk)
+        if held >= size and b"\n" in chunk:
+            pending = b"".join(chunks)
+            cut = pending.rindex(b"\n") + 1
+            yield pending[:cut]
+            chunks, held = ([pending[cut:]] if cut < len(pending) else []), len(pending) - cut
+
+
+def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read: Callable) -> list:
+    """The items of the lines of ``block`` (line ``first`` onwards), in order."""
+    import numpy as np
+    import pyarrow as pa
+
+    data = np.frombuffer(block, np.uint8)
+    ends = np.flatnonzero(data == 10)  # the line breaks
+    if not block.endswith(b"\n"):
+        ends = np.append(ends, len(block))
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    brackets = np.add.reduceat(((data == 91) | (data == 123)).astype(np.int64), starts)
+    suspect = (data[starts] != 123) | (brackets >= _DEEP)  # lines Arrow is not given: not "{", or deep
+    items: list = [None] * len(ends)
+    budget = 3 * len(block)  # bytes Arrow may be given before the rest of the block goes line by line
+    todo = [(0, len(ends))]
+    while todo:
+        a, b = todo.pop()
+        if a >= b:
             continue
-        except Exception as err:  # noqa: BLE001 - whatever else a line does, it is one dead letter
-            yield rejection(source, number, "unprocessable", f"{type(err).__name__}: {raw[:EXCERPT_CHARS]!r}")
+        chunk = block[starts[a] : ends[b - 1] + 1]
+        if b - a <= _PER_LINE or budget <= 0:
+            for i in range(a, b):
+                raw = block[starts[i] : ends[i]].rstrip(b"\r")
+                items[i] = _parse_line(source, first + i, raw, "jsonl", fields, None)
             continue
-        yield *values[:3], source, number, *values[3:]
+        budget -= len(chunk)
+        unfit = np.flatnonzero(suspect[a:b])
+        culprit = a + int(unfit[0]) if unfit.size else _first_bad_line(chunk, starts[a], ends)
+        table = None
+        if culprit is None:
+            try:
+                table = read(chunk)
+            except pa.ArrowInvalid as err:  # the row it names is the line at fault, or just after it
+                row = _ARROW_ROW.search(str(err))
+                culprit = a + int(row.group(1)) if row and int(row.group(1)) < b - a else None
+        if table is not None and table.num_rows == b - a:
+            _checked(source, block, starts, ends, a, first, table, fields, items)
+        elif culprit is not None:  # the lines before it, it alone, the lines after it
+            todo += [(culprit + 1, b), (culprit, culprit + 1), (a, culprit)]
+        else:
+            middle = (a + b) // 2
+            todo += [(middle, b), (a, middle)]
+    return items
+
+
+def _first_bad_line(chunk: bytes, offset: int, ends) -> int | None:
+    """The line (index into ``ends``) holding the first byte of ``chunk`` that is not UTF-8, if any."""
+    if chunk.isascii():
+        return None
+    try:
+        chunk.decode("utf-8")
+    except UnicodeDecodeError as err:
+        import numpy as np
+
+        return int(np.searchsorted(ends, offset + err.start))
+    return None
+
+
+_REASONS = ("", "missing_query", "bad_count", "missing_user")
+
+
+def _checked(source, block, starts, ends, a, first, table, fields, items) -> None:
+    """Items of lines ``a``... from the rows Arrow read for them: the contract's checks, column-wise."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    query = table.column(fields.query)
+    reason = query.is_null().to_numpy(zero_copy_only=False).astype(np.int8)  # 1: missing_query
+    weights = None
+    if fields.count:
+        count = table.column(fields.count)
+        fine = pc.fill_null(pc.and_(pc.greater(count, 0), pc.less_equal(count, MAX_WEIGHT)), False)
+        reason[(reason == 0) & ~fine.to_numpy(zero_copy_only=False)] = 2
+        weights = count.to_pylist()
+    users = None
+    if fields.user:
+        encoded = pc.dictionary_encode(table.column(fields.user)).combine_chunks()
+        blank = pa.array([not u or u.isspace() for u in encoded.dictionary.to_pylist()], pa.bool_())
+        missing = pc.fill_null(pc.take(blank, encoded.indices), True).to_numpy(zero_copy_only=False)
+        reason[(reason == 0) & missing] = 3
+        users = table.column(fields.user).to_pylist()
+    queries = query.to_pylist()
+    for row, (code, text) in enumerate(zip(reason.tolist(), queries)):
+        i = a + row
+        if code:
+            raw = block[starts[i] : ends[i]].rstrip(b"\r")
+            items[i] = rejection(source, first + i, _REASONS[code], raw)
+        else:
+            items[i] = (text, weights[row] if weights else 1, users[row] if users else None, source, first + i)
 
 
 def _fast_json(raw: bytes) -> dict | None:
