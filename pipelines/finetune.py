@@ -56,6 +56,14 @@ class FinetuneOptions:
     resume: bool = False
 
 
+def _key_labels(keys) -> list:
+    """A table of keys -> ``((key, label), weight)`` summed per key and label."""
+    sums = keys.group_by(["key", "label"], use_threads=False).aggregate([("weight", "sum")])
+    return [
+        ((k, label), w) for k, label, w in zip(*(sums.column(n).to_pylist() for n in ("key", "label", "weight_sum")))
+    ]
+
+
 class LabelHead(beam.PTransform):
     """``head | LabelHead(keys)`` -> ``(key, count, label)``: each head key with its most frequent label.
 
@@ -69,7 +77,7 @@ class LabelHead(beam.PTransform):
     def expand(self, head):
         labels = (
             self.keys
-            | "KeyLabel" >> beam.FlatMap(lambda batch: [((r[0], r[3]), r[1]) for r in batch])
+            | "KeyLabel" >> beam.FlatMap(_key_labels)
             | "SumLabels" >> beam.CombinePerKey(sum)
             | "ByKey" >> beam.MapTuple(lambda kl, weight: (kl[0], (-weight, kl[1])))
             | "TopLabel" >> beam.CombinePerKey(min)

@@ -6,6 +6,7 @@ import random
 from collections import Counter, defaultdict
 
 import apache_beam as beam
+import pyarrow as pa
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -21,7 +22,7 @@ def test_partitions_are_the_same_on_every_machine():
 
 
 @pytest.mark.parametrize(("users", "partitions"), [(True, 1), (True, 7), (False, 256)])
-def test_counts_and_users_are_exact_across_batches_and_partitions(users, partitions):
+def test_counts_and_users_are_exact_across_tables_and_partitions(users, partitions):
     rng = random.Random(partitions)
     records = [(rng.choice(KEYS), rng.randint(1, 5), f"u{rng.randint(1, 40)}") for _ in range(3_000)]
     counts, seen = Counter(), defaultdict(set)
@@ -29,7 +30,9 @@ def test_counts_and_users_are_exact_across_batches_and_partitions(users, partiti
         counts[key] += weight
         seen[key].add(user)
     expected = [(key, counts[key], len(seen[key]) if users else None) for key in counts]
-    batches = [records[i : i + 250] for i in range(0, len(records), 250)]
+    tables = [
+        pa.table(list(zip(*records[i : i + 250])), names=["key", "weight", "user"]) for i in range(0, len(records), 250)
+    ]
     with TestPipeline() as p:
-        got = p | beam.Create(batches, reshuffle=False) | CountQueries(users=users, partitions=partitions)
+        got = p | beam.Create(tables, reshuffle=False) | CountQueries(users=users, partitions=partitions)
         assert_that(got, equal_to(expected))

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from querycache.transforms import records
-from querycache.transforms.normalize import check_query
+from querycache.transforms.normalize import check_column, check_query
 from querycache.transforms.privacy import luhn_valid, pii_reason
 from querycache.transforms.records import LogFields, decompressed, format_of, parse_stream
 from querycache.transforms.selection import Selection, plan_head
@@ -288,3 +288,16 @@ def test_jsonl_blocks_classify_every_line_as_the_line_reader_does(hostile, block
             assert list(parse_stream("f.jsonl", io.BytesIO(data), fields)) == _line_by_line(data, fields)
     finally:
         records.JSONL_BLOCK = default
+
+
+QUERY_TEXT = st.one_of(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12),
+    st.text(alphabet=" aZ09[]MASK\t\x00\x85\u200b\u3000İß", max_size=12),
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(QUERY_TEXT, max_size=30), st.sampled_from([None, "{query} [MASK]", "{query}"]))
+def test_the_column_checks_are_the_query_checks(queries, template):
+    keys, reasons = check_column(pa.array(queries, pa.string()), 8, template)
+    assert list(zip(keys.to_pylist(), reasons.to_pylist())) == [check_query(q, 8, template) for q in queries]

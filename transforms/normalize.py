@@ -1,16 +1,19 @@
-"""NormalizeQueries: records -> (key, weight, user) under the store's key function; bad queries to dead letters."""
+"""NormalizeQueries: record tables -> key tables under the store's key function; bad queries to dead letters."""
 
 from __future__ import annotations
 
 import re
 
 import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from querycache.inference.template import has_mask
-from querycache.store.keys import is_query, normalize
-from querycache.transforms.records import rejection
+from querycache.store.keys import is_query, normalize, normalize_column
+from querycache.transforms.records import rejection, source_of
 
 REJECTED = "rejected"
+_MEMO = 1 << 17  # distinct queries outside printable ASCII a worker remembers: logs repeat their head
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x80-\x9f]")  # C0/C1 controls except tab
 
 
@@ -28,45 +31,79 @@ def check_query(query: str, max_chars: int, template: str | None = None) -> tupl
     return key, None
 
 
-class _Normalize(beam.DoFn):
-    CACHE = 1 << 17  # distinct queries remembered per worker: a log repeats its head queries endlessly
+def check_column(
+    queries: pa.Array | pa.ChunkedArray, max_chars: int, template: str | None = None, memo: dict | None = None
+) -> tuple[pa.Array, pa.Array]:
+    """:func:`check_query` of each query of a column: ``(keys, reasons)``, a key null where a reason is not.
 
+    Each distinct query is checked once: printable-ASCII ones (no control characters there) by Arrow
+    compute, every other one by :func:`check_query` (remembered in ``memo`` across calls); a query
+    the checks cannot handle is ``unprocessable``, with the error in its reason's place
+    (``"unprocessable: ValueError"``).
+    """
+    if isinstance(queries, pa.ChunkedArray):
+        queries = queries.combine_chunks()
+    encoded = pc.dictionary_encode(queries)
+    values = encoded.dictionary
+    keys = normalize_column(values)
+    long = pc.greater(pc.utf8_length(values), max_chars)
+    reasons = pc.if_else(long, "too_long", pc.if_else(pc.equal(keys, ""), "empty_query", pa.scalar(None, pa.string())))
+    others = pc.indices_nonzero(pc.invert(pc.ascii_is_printable(values))).to_pylist()
+    if others or template is not None:
+        keys, reasons = keys.to_pylist(), reasons.to_pylist()
+        texts = values.to_pylist()
+        memo = {} if memo is None else memo
+        if len(memo) > _MEMO:
+            memo.clear()
+        for i in others:
+            checked = memo.get(texts[i])
+            if checked is None:
+                try:
+                    checked = check_query(texts[i], max_chars)
+                except Exception as err:  # noqa: BLE001 - a query the checks cannot handle is a dead letter
+                    checked = None, f"unprocessable: {type(err).__name__}"
+                memo[texts[i]] = checked
+            keys[i], reasons[i] = checked
+        if template is not None:
+            for i, key in enumerate(keys):
+                if reasons[i] is None and not has_mask(template, key):
+                    reasons[i] = "no_mask"
+        keys, reasons = pa.array(keys, pa.string()), pa.array(reasons, pa.string())
+    keys = pc.if_else(reasons.is_null(), keys, pa.scalar(None, pa.string()))
+    return pc.take(keys, encoded.indices), pc.take(reasons, encoded.indices)
+
+
+class _Normalize(beam.DoFn):
     def __init__(self, max_chars: int, template: str | None):
         self.max_chars, self.template = max_chars, template
 
     def setup(self):
-        self._checked: dict[str, tuple[str | None, str | None]] = {}
+        self._checked: dict = {}
 
-    def process(self, records: list):
-        keys = []
-        for record in records:
-            query = record[0]
-            checked = self._checked.get(query)
-            if checked is None:
-                try:
-                    checked = check_query(query, self.max_chars, self.template)
-                except Exception as err:  # noqa: BLE001 - a query the checks cannot handle is a dead letter
-                    excerpt = f"{type(err).__name__}: {query[:200]!r}"
-                    yield beam.pvalue.TaggedOutput(REJECTED, rejection(*record[3:5], "unprocessable", excerpt))
-                    continue
-                if len(self._checked) >= self.CACHE:
-                    self._checked.clear()
-                self._checked[query] = checked
-            key, reason = checked
-            if reason:
-                yield beam.pvalue.TaggedOutput(REJECTED, rejection(*record[3:5], reason, query))
-            elif len(record) == 5:  # (query, weight, user, source, line) -> (key, weight, user)
-                keys.append((key, record[1], record[2]))
-            else:  # a label follows the line number
-                keys.append((key, record[1], record[2], *record[5:]))
-        if keys:
-            yield keys
+    def process(self, records: pa.Table):
+        keys, reasons = check_column(records.column("query"), self.max_chars, self.template, self._checked)
+        refused = reasons.is_valid()
+        if pc.any(refused).as_py():
+            source = source_of(records)
+            dropped = records.filter(refused)
+            for line, reason, query in zip(
+                dropped.column("line").to_pylist(),
+                reasons.filter(refused).to_pylist(),
+                dropped.column("query").to_pylist(),
+            ):
+                name, _, error = reason.partition(": ")
+                excerpt = f"{error}: {query[:200]!r}" if error else query
+                yield beam.pvalue.TaggedOutput(REJECTED, rejection(source, line, name, excerpt))
+            kept = pc.invert(refused)
+            records, keys = records.filter(kept), keys.filter(kept)
+        if records.num_rows:
+            yield records.drop_columns(["query", "line"]).add_column(0, "key", keys)
 
 
 class NormalizeQueries(beam.PTransform):
-    """``records | NormalizeQueries(512)`` -> ``(keys, rejected)``, batch for batch.
+    """``records | NormalizeQueries(512)`` -> ``(keys, rejected)``, table for table.
 
-    ``keys`` holds lists of ``(key, weight, user[, label])``; ``rejected`` holds dead-letter dicts.
+    ``keys`` holds tables of ``key, weight, user[, label]``; ``rejected`` holds dead-letter dicts.
 
     Rejects queries with control characters, longer than ``max_chars`` (dropped, never truncated),
     empty once normalised, or (fill-mask, with ``template``) without a mask position.

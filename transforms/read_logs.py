@@ -10,11 +10,11 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from querycache.transforms.progress import Ticker
-from querycache.transforms.records import TRUNCATED, LogFields, decompressed, parse_stream, printable_path, rejection
+from querycache.transforms.records import TRUNCATED, LogFields, decompressed, parse_tables, printable_path, rejection
 
 log = logging.getLogger(__name__)
 REJECTED, LINES = "rejected", "lines"
-BATCH = 4096  # records per element: per-element costs of a runner are paid per batch, not per line
+BATCH = 4096  # records per table read line by line (a JSONL block's table holds ~1 MB of lines)
 
 
 class _ParseFile(beam.DoFn):
@@ -26,7 +26,7 @@ class _ParseFile(beam.DoFn):
     def process(self, path: bytes):
         """``path`` is bytes: a local file name need not be valid UTF-8, and bytes cross every coder."""
         source = path.decode("utf-8", "surrogateescape")
-        lines = position = 0
+        lines = position = counted = 0
         ticker = Ticker(log, "read")
         try:
             raw = FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED)
@@ -35,24 +35,18 @@ class _ParseFile(beam.DoFn):
             yield beam.pvalue.TaggedOutput(REJECTED, rejection(source, 1, "unreadable_file", repr(err)))
         if raw is not None:
             with raw, decompressed(source, raw) as stream:
-                batch = []
-                for item in parse_stream(source, stream, self.fields):
-                    lines += 1
-                    if lines % BATCH == 0:
-                        now = raw.tell()  # bytes of the file, compressed or not
-                        ticker.add(done=now - position, items=BATCH)
-                        position = now
-                    if isinstance(item, dict):
+                for item in parse_tables(source, stream, self.fields, BATCH):
+                    if type(item) is dict:
+                        lines += 1
                         yield beam.pvalue.TaggedOutput(REJECTED, item)
-                    else:
-                        batch.append(item)
-                        if len(batch) == BATCH:
-                            yield batch
-                            batch = []
-                if batch:
-                    yield batch
+                        continue
+                    lines += item.num_rows
+                    now = raw.tell()  # bytes of the file, compressed or not
+                    ticker.add(done=now - position, items=lines - counted)
+                    position, counted = now, lines
+                    yield item
         size = _size(source)
-        ticker.add(done=size - position, items=lines % BATCH)
+        ticker.add(done=size - position, items=lines - counted)
         ticker.flush(logging.INFO, "read %d lines from %s", lines, printable_path(source))
         self.lines_read.inc(lines)
         self.bytes_read.inc(size)
@@ -93,8 +87,8 @@ class ReadQueryLogs(beam.PTransform):
 
         records, rejected, lines = p | ReadQueryLogs(["logs/*.jsonl.gz"], LogFields(query="q"))
 
-    ``records`` holds batches (lists of up to ``BATCH``) of ``(query, weight, user, source, line)``;
-    ``rejected`` holds dead-letter dicts; ``lines`` holds one line count per file. Compression is
+    ``records`` holds Arrow tables of ``query, weight, user, line[, label]`` (``records.source_of``
+    names their file); ``rejected`` holds dead-letter dicts; ``lines`` holds one line count per file. Compression is
     detected from the file extension.
     """
 

@@ -2,7 +2,9 @@
 
 A parsed line is either a record ``(query, weight, user, source, line)`` (with ``label`` appended
 when ``LogFields.label`` names a field) or a rejection ``{"source", "line", "reason", "excerpt"}``;
-every line read yields exactly one of them.
+every line read yields exactly one of them. :func:`parse_tables`, which the pipeline reads, gives the
+records as Arrow tables of ``query, weight, user, line[, label]`` (the source in the schema's
+metadata, :func:`source_of`); :func:`parse_stream` gives them one by one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import orjson
+import pyarrow as pa
 
 FORMATS = ("text", "jsonl", "csv", "tsv", "parquet")
 _EXTENSIONS = {
@@ -168,8 +171,9 @@ def rejection(source: str, line: int, reason: str, excerpt: Any) -> dict:
     return {"source": printable_path(source), "line": line, "reason": reason, "excerpt": excerpt}
 
 
-def parse_stream(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict]:
-    """Records and rejections of one file, in order; ``line`` counts from 1 (data rows for CSV/TSV).
+def parse_tables(source: str, stream: IO[bytes], fields: LogFields, batch: int = 4096) -> Iterator[pa.Table | dict]:
+    """Tables of records (up to ``batch`` rows from a line-by-line read, a block's from JSONL) and
+    rejections of one file; the lines of a table and the rejections before it come in line order.
 
     Nothing in a file stops the parse: a record that cannot be processed is a dead letter, and a
     file that cannot be read on ends with one dead letter: ``truncated_file`` for a compressed
@@ -177,17 +181,70 @@ def parse_stream(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[
     """
     source = printable_path(source)
     number = 0
+    pending: list = []
     try:
         for item in _parse(source, stream, fields):
-            number += 1
+            if type(item) is tuple:
+                number += 1
+                pending.append(item)
+                if len(pending) < batch:
+                    continue
+                item, pending = record_table(pending, source, fields), []
+            elif type(item) is dict:
+                number += 1
+                if pending:  # the records before it first: line order
+                    yield record_table(pending, source, fields)
+                    pending = []
+            else:
+                number += item.num_rows
             yield item
+        if pending:
+            yield record_table(pending, source, fields)
     except EOFError:  # raised by the decompressors of ``decompressed`` only
+        if pending:
+            yield record_table(pending, source, fields)
         log.warning("%s is cut short: its compressed stream ends after %d lines without an end marker", source, number)
         yield rejection(
             source, number + 1, TRUNCATED, f"compressed stream ends without its end marker after {number} lines"
         )
     except Exception as err:  # noqa: BLE001 - the file's remaining bytes are one dead letter
+        if pending:
+            yield record_table(pending, source, fields)
         yield rejection(source, number + 1, "unreadable_file", f"{type(err).__name__}: {err}")
+
+
+def parse_stream(source: str, stream: IO[bytes], fields: LogFields) -> list[Record | dict]:
+    """:func:`parse_tables` line by line, each record a tuple, in line order (read whole: small files, tests)."""
+    items: list = []
+    for item in parse_tables(source, stream, fields):
+        items.extend([item] if type(item) is dict else record_tuples(item))
+    return sorted(items, key=lambda item: item["line"] if type(item) is dict else item[4])
+
+
+_COLUMNS = {"query": pa.string(), "weight": pa.int64(), "user": pa.string(), "line": pa.int64()}
+
+
+def record_table(records: list[tuple], source: str, fields: LogFields) -> pa.Table:
+    """Record tuples of one file as a table (``label`` last when ``fields.label``)."""
+    names = [*_COLUMNS, "label"] if fields.label else list(_COLUMNS)
+    columns = list(zip(*records))
+    del columns[3]  # the source: in the metadata
+    types = [*_COLUMNS.values(), pa.string()]
+    arrays = [pa.array(column, kind) for column, kind in zip(columns, types)]
+    return pa.table(arrays, names=names, metadata={"source": source})
+
+
+def record_tuples(table: pa.Table) -> Iterator[tuple]:
+    """The records of a table as ``(query, weight, user, source, line[, label])`` tuples."""
+    columns = [table.column(name).to_pylist() for name in table.column_names]
+    source = source_of(table)
+    for row in zip(*columns):
+        yield *row[:3], source, *row[3:]
+
+
+def source_of(table: pa.Table) -> str:
+    """The file a table of records was read from."""
+    return table.schema.metadata[b"source"].decode()
 
 
 def _parse(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict]:
@@ -278,8 +335,8 @@ def _parse_jsonl_blocks(source: str, stream: IO[bytes], fields: LogFields) -> It
 
     number = 0
     for block in _line_blocks(stream, JSONL_BLOCK):
-        items = _jsonl_block(source, block, number + 1, fields, read)
-        number += len(items)
+        items, lines = _jsonl_block(source, block, number + 1, fields, read)
+        number += lines
         yield from items
 
 
@@ -324,8 +381,12 @@ def _line_blocks(stream: IO[bytes], size: int) -> Iterator[bytes]:
             chunks, held = ([pending[cut:]] if cut < len(pending) else []), len(pending) - cut
 
 
-def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read: Callable) -> list:
-    """The items of the lines of ``block`` (line ``first`` onwards), in order."""
+def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read: Callable) -> tuple[list, int]:
+    """The items of the lines of ``block`` (line ``first`` onwards), and their number of lines.
+
+    Items are records and rejections of the lines read one by one, and a table of the records Arrow
+    read; each is placed at its first line, so a sort by line keeps line order between them.
+    """
     import numpy as np
     import pyarrow as pa
 
@@ -366,7 +427,7 @@ def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read:
         else:
             middle = (a + b) // 2
             todo += [(middle, b), (a, middle)]
-    return items
+    return [item for item in items if item is not None], len(ends)
 
 
 def _first_bad_line(chunk: bytes, offset: int, ends) -> int | None:
@@ -386,34 +447,37 @@ _REASONS = ("", "missing_query", "bad_count", "missing_user")
 
 
 def _checked(source, block, starts, ends, a, first, table, fields, items) -> None:
-    """Items of lines ``a``... from the rows Arrow read for them: the contract's checks, column-wise."""
+    """Items of lines ``a``... from the rows Arrow read for them: the contract's checks, column-wise.
+
+    The rows it keeps become one table at ``items[a]``, those it refuses rejections at their lines.
+    """
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
 
+    n = table.num_rows
     query = table.column(fields.query)
     reason = query.is_null().to_numpy(zero_copy_only=False).astype(np.int8)  # 1: missing_query
-    weights = None
+    weight = pa.array(np.ones(n, np.int64))
     if fields.count:
-        count = table.column(fields.count)
-        fine = pc.fill_null(pc.and_(pc.greater(count, 0), pc.less_equal(count, MAX_WEIGHT)), False)
+        weight = table.column(fields.count)
+        fine = pc.fill_null(pc.and_(pc.greater(weight, 0), pc.less_equal(weight, MAX_WEIGHT)), False)
         reason[(reason == 0) & ~fine.to_numpy(zero_copy_only=False)] = 2
-        weights = count.to_pylist()
-    users = None
+    user = pa.nulls(n, pa.string())
     if fields.user:
-        encoded = pc.dictionary_encode(table.column(fields.user)).combine_chunks()
+        user = table.column(fields.user)
+        encoded = pc.dictionary_encode(user).combine_chunks()
         blank = pa.array([not u or u.isspace() for u in encoded.dictionary.to_pylist()], pa.bool_())
         missing = pc.fill_null(pc.take(blank, encoded.indices), True).to_numpy(zero_copy_only=False)
         reason[(reason == 0) & missing] = 3
-        users = table.column(fields.user).to_pylist()
-    queries = query.to_pylist()
-    for row, (code, text) in enumerate(zip(reason.tolist(), queries)):
+    for row in np.flatnonzero(reason).tolist():
         i = a + row
-        if code:
-            raw = block[starts[i] : ends[i]].rstrip(b"\r")
-            items[i] = rejection(source, first + i, _REASONS[code], raw)
-        else:
-            items[i] = (text, weights[row] if weights else 1, users[row] if users else None, source, first + i)
+        raw = block[starts[i] : ends[i]].rstrip(b"\r")
+        items[i] = rejection(source, first + i, _REASONS[reason[row]], raw)
+    lines = pa.array(np.arange(first + a, first + a + n, dtype=np.int64))
+    records = pa.table([query, weight, user, lines], names=list(_COLUMNS), metadata={"source": source})
+    kept = reason == 0
+    if kept.any():
+        items[a + int(np.argmax(kept))] = records.filter(pa.array(kept))
 
 
 def _fast_json(raw: bytes) -> dict | None:
