@@ -1,78 +1,124 @@
-"""Rows per second of the input half of the pipeline (read -> normalise -> count -> head) on a generated log.
+"""The input half against columnar engines: whole processes on one generated JSONL log, in one run.
 
-    python bench/input_half.py [--lines 1000000] [--distinct 200000] [--runner direct|multiprocess]
+    python bench/input_half.py [--lines 1000000] [--distinct 200000] [--baseline /path/to/python]
 
-No model is loaded: the pipeline stops at SelectHead and counts the head.
+Writes a log of ``--lines`` records (query, user, count, ts; Zipf popularity, 10% upper case, 10%
+extra spaces, 5% full-width letters, 0.1% bad lines of five kinds), then runs, each as its own
+process: ``querycache build`` (weighted counts, distinct users, top 1,000 by count, then the model
+on that head), ``querycache replay`` of the same log against that snapshot, DuckDB and Polars doing
+the same query (read with a schema, lower case, spaces collapsed and trimmed, weighted sum,
+distinct users, top 1,000), and with ``--baseline`` the same build by another querycache install
+(its interpreter: an older commit's wheel). Prints seconds, lines/s, MB/s, the ratio to DuckDB
+and each process's peak RSS. DuckDB and Polars are for this benchmark only (``pip install duckdb polars``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
+import random
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
-
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # import the repo's packages when run as a script
 from bench.loggen import generate  # noqa: E402
-from querycache.runners.presets import beam_args  # noqa: E402
-from querycache.transforms.count import CountQueries  # noqa: E402
-from querycache.transforms.normalize import NormalizeQueries  # noqa: E402
-from querycache.transforms.read_logs import ReadQueryLogs  # noqa: E402
-from querycache.transforms.records import LogFields  # noqa: E402
-from querycache.transforms.select_head import SelectHead  # noqa: E402
-from querycache.transforms.selection import Selection  # noqa: E402
 
-logging.getLogger("apache_beam").setLevel(logging.ERROR)
+BAD = [
+    "{broken",
+    '{"query": 42, "user": "u1", "count": 1}',
+    '{"query": "ok", "user": "u1", "count": -3}',
+    '{"user": "u1", "count": 1}',
+    '{"query": "ok", "user": "", "count": 1}',
+]
+DUCKDB = """
+import duckdb, sys
+top = duckdb.sql('''
+  SELECT trim(regexp_replace(lower(query), '\\s+', ' ', 'g')) AS key, sum("count") AS n,
+         count(DISTINCT "user") AS users
+  FROM read_json(?, format='newline_delimited', ignore_errors=true,
+                 columns={'query': 'VARCHAR', 'user': 'VARCHAR', 'count': 'BIGINT'})
+  WHERE query IS NOT NULL AND "user" <> '' AND "count" > 0
+  GROUP BY key ORDER BY n DESC, key LIMIT 1000''', params=[sys.argv[1]]).fetchall()
+print(len(top))
+"""
+POLARS = """
+import polars as pl, sys
+schema = {"query": pl.String, "user": pl.String, "count": pl.Int64}
+top = (pl.scan_ndjson(sys.argv[1], schema=schema, ignore_errors=True)
+  .filter(pl.col("query").is_not_null() & (pl.col("user") != "") & (pl.col("count") > 0))
+  .with_columns(key=pl.col("query").str.to_lowercase().str.replace_all(r"\\s+", " ").str.strip_chars())
+  .group_by("key").agg(n=pl.col("count").sum(), users=pl.col("user").n_unique())
+  .sort(["n", "key"], descending=[True, False]).head(1000).collect())
+print(top.height)
+"""
 
 
-def write_logs(directory: Path, lines: int, distinct: int, files: int) -> list[str]:
-    records = [json.dumps(record) + "\n" for record in generate(lines, distinct, users=50_000)]
-    for i in range(files):
-        (directory / f"log-{i}.jsonl").write_text("".join(records[i::files]), "utf-8")
-    return [str(directory / "*.jsonl")]
+def write_log(path: Path, parsable: Path, lines: int, distinct: int) -> None:
+    """The log, and a copy without its malformed lines for Polars (whose reader stops at the first one)."""
+    rng = random.Random(1)
+    with path.open("w", encoding="utf-8") as out, parsable.open("w", encoding="utf-8") as clean:
+        for i, record in enumerate(generate(lines, distinct, users=50_000)):
+            if i % 1000 == 999:
+                line = BAD[(i // 1000) % len(BAD)] + "\n"
+            else:
+                record["count"] = rng.randint(1, 5)
+                line = json.dumps(record, ensure_ascii=False) + "\n"
+            out.write(line)
+            if not line.startswith("{broken"):
+                clean.write(line)
 
 
-def run(patterns: list[str], runner: str, min_users: int, out: Path) -> dict:
-    def keep(name):  # a file, not a closure: worker processes do not share memory with this one
-        return lambda value: (out / name).write_text(str(value))
-
-    with beam.Pipeline(options=PipelineOptions(beam_args(runner, []))) as p:
-        records, rejected, lines = p | "Read" >> ReadQueryLogs(patterns, LogFields(user="user"))
-        keys, invalid = records | "Normalize" >> NormalizeQueries()
-        table = keys | "Count" >> CountQueries(users=True)
-        head, plan, dropped = table | "Head" >> SelectHead(Selection("coverage", 0.8), min_users=min_users)
-        _ = head | "HeadSize" >> beam.combiners.Count.Globally() | "KeepHead" >> beam.Map(keep("head"))
-        _ = lines | "Lines" >> beam.CombineGlobally(sum) | "KeepLines" >> beam.Map(keep("lines"))
-    return {name: int((out / name).read_text()) for name in ("head", "lines")}
+def timed(command: list[str], cwd: Path) -> tuple[float, float, str]:
+    """Seconds, peak RSS (MiB) and stdout of one process, run in ``cwd`` (not the checkout: ``-m`` would
+    find its ``querycache`` folder before the installed package)."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, cwd=cwd)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        out.seek(0), err.seek(0)
+        text, errors = out.read().decode(), err.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{' '.join(command)} failed ({os.waitstatus_to_exitcode(status)}): {errors[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024, text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--distinct", type=int, default=200_000)
-    parser.add_argument("--files", type=int, default=4)
-    parser.add_argument("--runner", default="direct")
-    parser.add_argument("--min-users", type=int, default=2)
+    parser.add_argument("--baseline", help="A Python interpreter with another querycache installed.")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        patterns = write_logs(Path(tmp), args.lines, args.distinct, args.files)
-        print(
-            f"generated {args.lines:,} lines ({args.distinct:,} distinct queries) in {time.perf_counter() - start:.1f}s"
-        )
-        start = time.perf_counter()
-        counts = run(patterns, args.runner, args.min_users, Path(tmp))
-        seconds = time.perf_counter() - start
-    print(
-        f"input half on {args.runner}: {args.lines:,} lines -> head of {counts['head']:,} queries "
-        f"(coverage 0.8, min users {args.min_users}) in {seconds:.1f}s = {args.lines / seconds:,.0f} rows/s"
-    )
+    with tempfile.TemporaryDirectory(prefix="qc-input-half-") as name:
+        tmp = Path(name)
+        log, parsable = tmp / "log.jsonl", tmp / "parsable.jsonl"
+        write_log(log, parsable, args.lines, args.distinct)
+        megabytes = log.stat().st_size / 1e6
+        fields = ["--count-field", "count", "--user-field", "user", "--quiet", "--json"]
+        build = ["build", "--logs", str(log), "--out", str(tmp / "root"), "--top-k", "1000", *fields]
+        qc = [sys.executable, "-m", "querycache"]
+        runs = {
+            "querycache build": [*qc, *build],
+            "querycache replay": [*qc, "replay", str(tmp / "root"), "--logs", str(log), *fields],
+            "DuckDB": [sys.executable, "-c", DUCKDB, str(log)],
+            "Polars (parsable)": [sys.executable, "-c", POLARS, str(parsable)],
+        }
+        if args.baseline:
+            baseline = [*build[:3], "--out", str(tmp / "baseline-root"), *build[5:]]
+            runs["baseline build"] = [args.baseline, "-m", "querycache", *baseline]
+        figures = {label: timed(command, tmp) for label, command in runs.items()}
+    duckdb = figures["DuckDB"][0]
+    print(f"{args.lines:,} lines, {megabytes:,.0f} MB, {os.cpu_count()} cores")
+    print(f"{'run':20s} {'seconds':>8s} {'lines/s':>10s} {'MB/s':>7s} {'/ DuckDB':>9s} {'peak RSS MiB':>13s}")
+    for label, (seconds, rss, _) in figures.items():
+        rate, mbs = args.lines / seconds, megabytes / seconds
+        print(f"{label:20s} {seconds:8.1f} {rate:10,.0f} {mbs:7.1f} {seconds / duckdb:9.1f} {rss:13,.0f}")
+    stats = json.loads(figures["querycache build"][2].strip().splitlines()[-1])
+    print(f"build: head {stats['head_size']:,} of {stats['distinct_queries']:,} keys, rejected {stats['rejected']:,}")
 
 
 if __name__ == "__main__":
