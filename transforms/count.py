@@ -106,12 +106,16 @@ class _PartialCounts(beam.DoFn):
         sums, partition = sums.take(order), partition.take(order).to_numpy()
         cuts = np.flatnonzero(np.diff(partition)) + 1
         for start, end in zip([0, *cuts], [*cuts, len(partition)]):
-            yield int(partition[start]), to_ipc(sums.slice(start, end - start))
+            part = sums.slice(start, end - start)  # a key's text once, not in each of its (key, user) rows:
+            part = part.set_column(0, "key", pc.dictionary_encode(part.column("key")))
+            yield int(partition[start]), to_ipc(part)
 
 
 def _merge(partition: int, parts, users: bool = False):
     """One partition's partial sums -> ``(key, count, distinct users or None)`` for each of its keys."""
-    sums = _sums(pa.concat_tables([from_ipc(part) for part in parts]), users)
+    tables = [from_ipc(part) for part in parts]
+    tables = [table.set_column(0, "key", table.column("key").cast(pa.string())) for table in tables]
+    sums = _sums(pa.concat_tables(tables), users)
     if users:  # one row per key and user: their number is the key's distinct users
         sums = sums.group_by("key", use_threads=False).aggregate([("weight", "sum"), ("user", "count")])
         yield from zip(*(sums.column(name).to_pylist() for name in ("key", "weight_sum", "user_count")))
