@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from querycache.transforms import records
 from querycache.transforms.normalize import check_column, check_query
 from querycache.transforms.privacy import luhn_valid, pii_reason
-from querycache.transforms.records import LogFields, decompressed, format_of, parse_stream
+from querycache.transforms.records import MAX_WEIGHT, LogFields, decompressed, format_of, parse_stream
 from querycache.transforms.selection import Selection, plan_head
 
 
@@ -301,3 +301,40 @@ QUERY_TEXT = st.one_of(
 def test_the_column_checks_are_the_query_checks(queries, template):
     keys, reasons = check_column(pa.array(queries, pa.string()), 8, template)
     assert list(zip(keys.to_pylist(), reasons.to_pylist())) == [check_query(q, 8, template) for q in queries]
+
+
+PARQUET_ROWS = st.lists(
+    st.fixed_dictionaries(
+        {
+            "q": st.one_of(st.none(), st.sampled_from(["", " ", "Rome", "a b", "東京", "x" * 40])),
+            "n": st.one_of(st.none(), st.integers(-3, 3), st.just(MAX_WEIGHT), st.just(MAX_WEIGHT + 1)),
+            "u": st.one_of(st.none(), st.sampled_from(["", "  ", "\u3000", "u1", "ü"])),
+            "other": st.integers(0, 9),
+        }
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(PARQUET_ROWS, st.sampled_from([pa.int64(), pa.int32(), pa.uint64(), pa.string()]))
+def test_parquet_columns_are_checked_as_rows_are(rows, count_type):
+    """Column-wise where the types allow it (a string count goes row by row): the same records and reasons."""
+    if count_type == pa.string():
+        rows = [{**row, "n": None if row["n"] is None else str(row["n"])} for row in rows]
+    elif count_type != pa.int64():
+        rows = [{**row, "n": row["n"] if row["n"] is None or 0 <= row["n"] < 1 << 31 else None} for row in rows]
+    schema = pa.schema([("q", pa.string()), ("n", count_type), ("u", pa.string()), ("other", pa.int64())])
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema), buf)
+    fields = LogFields(query="q", count="n", user="u")
+    got = parse("x.parquet", buf.getvalue(), query="q", count="n", user="u")
+    want = []
+    for line, row in enumerate(rows, 1):
+        try:
+            values = records._record(row, fields, utf8=True)
+        except records._Reject as rej:
+            want.append((line, rej.reason))
+            continue
+        want.append((*values, "x.parquet", line))
+    assert [(r["line"], r["reason"]) if type(r) is dict else r for r in got] == want

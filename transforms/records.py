@@ -449,35 +449,43 @@ _REASONS = ("", "missing_query", "bad_count", "missing_user")
 def _checked(source, block, starts, ends, a, first, table, fields, items) -> None:
     """Items of lines ``a``... from the rows Arrow read for them: the contract's checks, column-wise.
 
-    The rows it keeps become one table at ``items[a]``, those it refuses rejections at their lines.
+    The rows it keeps become one table at the first of their lines, those it refuses rejections.
     """
+    import numpy as np
+
+    records, reason = _contract(table, fields, first + a, source)
+    for row in np.flatnonzero(reason).tolist():
+        i = a + row
+        items[i] = rejection(source, first + i, _REASONS[reason[row]], block[starts[i] : ends[i]].rstrip(b"\r"))
+    kept = reason == 0
+    if kept.any():
+        items[a + int(np.argmax(kept))] = records.filter(pa.array(kept))
+
+
+def _contract(table: pa.Table, fields: LogFields, first: int, source: str):
+    """The rows of ``table`` (a column per named field, of the types the contract takes whole) as a
+    table of records from line ``first`` on, and each row's reason code (0: a record; ``_REASONS``)."""
     import numpy as np
     import pyarrow.compute as pc
 
     n = table.num_rows
-    query = table.column(fields.query)
+    query = table.column(fields.query).cast(pa.string())
     reason = query.is_null().to_numpy(zero_copy_only=False).astype(np.int8)  # 1: missing_query
     weight = pa.array(np.ones(n, np.int64))
     if fields.count:
-        weight = table.column(fields.count)
-        fine = pc.fill_null(pc.and_(pc.greater(weight, 0), pc.less_equal(weight, MAX_WEIGHT)), False)
+        count = table.column(fields.count)
+        fine = pc.fill_null(pc.and_(pc.greater(count, 0), pc.less_equal(count, MAX_WEIGHT)), False)
         reason[(reason == 0) & ~fine.to_numpy(zero_copy_only=False)] = 2
+        weight = pc.if_else(fine, count, 1).cast(pa.int64())
     user = pa.nulls(n, pa.string())
     if fields.user:
-        user = table.column(fields.user)
+        user = table.column(fields.user).cast(pa.string())
         encoded = pc.dictionary_encode(user).combine_chunks()
         blank = pa.array([not u or u.isspace() for u in encoded.dictionary.to_pylist()], pa.bool_())
         missing = pc.fill_null(pc.take(blank, encoded.indices), True).to_numpy(zero_copy_only=False)
         reason[(reason == 0) & missing] = 3
-    for row in np.flatnonzero(reason).tolist():
-        i = a + row
-        raw = block[starts[i] : ends[i]].rstrip(b"\r")
-        items[i] = rejection(source, first + i, _REASONS[reason[row]], raw)
-    lines = pa.array(np.arange(first + a, first + a + n, dtype=np.int64))
-    records = pa.table([query, weight, user, lines], names=list(_COLUMNS), metadata={"source": source})
-    kept = reason == 0
-    if kept.any():
-        items[a + int(np.argmax(kept))] = records.filter(pa.array(kept))
+    lines = pa.array(np.arange(first, first + n, dtype=np.int64))
+    return pa.table([query, weight, user, lines], names=list(_COLUMNS), metadata={"source": source}), reason
 
 
 def _fast_json(raw: bytes) -> dict | None:
@@ -518,11 +526,28 @@ def _csv_row(text: str, header: list[str], delimiter: str) -> dict:
     return dict(zip(header, cells))
 
 
-def _parse_parquet(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict]:
+def _parse_parquet(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict | pa.Table]:
+    """Batches of the named columns checked column-wise where their types are the contract's (a string
+    query, an integer count, a string user, no time or label field), else row by row. A rejected row's
+    excerpt is the row as a dict: of the named columns only when they are read alone."""
+    import numpy as np
     import pyarrow.parquet as pq
 
+    parquet = pq.ParquetFile(stream)
     number = 0
-    for batch in pq.ParquetFile(stream).iter_batches(batch_size=8192):
+    columns = _columnar(parquet.schema_arrow, fields)
+    if columns is not None:
+        for batch in parquet.iter_batches(batch_size=65_536, columns=columns):
+            table = pa.Table.from_batches([batch])
+            records, reason = _contract(table, fields, number + 1, source)
+            for row in np.flatnonzero(reason).tolist():
+                excerpt = repr(table.slice(row, 1).to_pylist()[0])
+                yield rejection(source, number + 1 + row, _REASONS[reason[row]], excerpt)
+            if (reason == 0).any():
+                yield records.filter(pa.array(reason == 0))
+            number += table.num_rows
+        return
+    for batch in parquet.iter_batches(batch_size=8192):
         for row in batch.to_pylist():
             number += 1
             try:
@@ -531,6 +556,20 @@ def _parse_parquet(source: str, stream: IO[bytes], fields: LogFields) -> Iterato
                 yield rejection(source, number, rej.reason, repr(row))
                 continue
             yield *values[:3], source, number, *values[3:]
+
+
+def _columnar(schema: pa.Schema, fields: LogFields) -> list[str] | None:
+    """The columns to read when every named field is one column of a type checked column-wise, else None."""
+    names = [name for name in (fields.query, fields.count, fields.user) if name]
+    if fields.time or fields.label or len(set(names)) < len(names):
+        return None
+    if any(len(schema.get_all_field_indices(name)) != 1 for name in names):
+        return None
+    text = (pa.types.is_string, pa.types.is_large_string)
+    kinds = {fields.query: text, fields.count: (pa.types.is_integer,), fields.user: text}
+    if all(any(test(schema.field(name).type) for test in kinds[name]) for name in names):
+        return names
+    return None
 
 
 def columns_of(source: str, stream: IO[bytes], fields: LogFields) -> list[str] | None:
