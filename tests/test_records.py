@@ -338,3 +338,25 @@ def test_parquet_columns_are_checked_as_rows_are(rows, count_type):
             continue
         want.append((*values, "x.parquet", line))
     assert [(r["line"], r["reason"]) if type(r) is dict else r for r in got] == want
+
+
+TEXT_LOGS = st.one_of(
+    st.binary(max_size=400),
+    st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.text(alphabet="ab c\u00e9\ufeff", max_size=200).map(lambda t: ("\ufeff" + t).encode()),
+).map(lambda b: b.replace(b"a", b"\r").replace(b"b", b"\n"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(TEXT_LOGS, st.sampled_from([16, 1 << 20]))
+def test_text_blocks_are_read_as_lines(data, block):
+    """Plain text in blocks: the same queries (line breaks and trailing CRs cut, a leading BOM skipped) and
+    the same invalid_utf8 lines as a line-by-line read."""
+    fields = LogFields()
+    default, records.JSONL_BLOCK = records.JSONL_BLOCK, block
+    try:
+        got = parse("x.txt", data)
+    finally:
+        records.JSONL_BLOCK = default
+    lines = records._lines(io.BytesIO(data), 1)
+    assert got == [records._parse_line("x.txt", i, raw, "text", fields, None) for i, raw in lines]

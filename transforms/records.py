@@ -255,6 +255,9 @@ def _parse(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record
     if fmt == "jsonl" and not (fields.time or fields.label):
         yield from _parse_jsonl_blocks(source, stream, fields)
         return
+    if fmt == "text" and not fields.label:
+        yield from _parse_text_blocks(source, stream, fields)
+        return
     header: list[str] | None = None
     number = 0
     for raw in iter(stream.readline, b""):
@@ -338,6 +341,29 @@ def _parse_jsonl_blocks(source: str, stream: IO[bytes], fields: LogFields) -> It
         items, lines = _jsonl_block(source, block, number + 1, fields, read)
         number += lines
         yield from items
+
+
+def _parse_text_blocks(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict | pa.Table]:
+    """Plain text in blocks of whole lines, each line a query of weight 1, one table per block; a block
+    that is not all UTF-8 is read line by line (its bad lines are ``invalid_utf8``)."""
+    import numpy as np
+
+    number = 0
+    for block in _line_blocks(stream, JSONL_BLOCK):
+        lines = block.split(b"\n")
+        if block.endswith(b"\n"):
+            lines.pop()
+        try:
+            text = block.decode("utf-8")
+        except UnicodeDecodeError:
+            for i, raw in enumerate(lines, number + 1):
+                yield _parse_line(source, i, raw.rstrip(b"\r"), "text", fields, None)
+        else:
+            queries = [line.rstrip("\r") for line in text.split("\n")[: len(lines)]]
+            n = len(queries)
+            columns = [queries, np.ones(n, np.int64), pa.nulls(n, pa.string()), np.arange(number + 1, number + 1 + n)]
+            yield pa.table(columns, schema=pa.schema(_COLUMNS, metadata={"source": source}))
+        number += len(lines)
 
 
 def _lines(stream: IO[bytes], first: int) -> Iterator[tuple[int, bytes]]:
