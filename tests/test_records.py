@@ -282,12 +282,12 @@ def test_jsonl_blocks_classify_every_line_as_the_line_reader_does(hostile, block
     for position, line in hostile:
         lines.insert(position, line)
     data = b"\n".join(lines) + (b"\n" if final_newline else b"")
-    default, records.JSONL_BLOCK = records.JSONL_BLOCK, block
+    default, records.BLOCK = records.BLOCK, block
     try:
         for fields in (LogFields(count="count", user="user"), LogFields()):
             assert list(parse_stream("f.jsonl", io.BytesIO(data), fields)) == _line_by_line(data, fields)
     finally:
-        records.JSONL_BLOCK = default
+        records.BLOCK = default
 
 
 QUERY_TEXT = st.one_of(
@@ -353,10 +353,10 @@ def test_text_blocks_are_read_as_lines(data, block):
     """Plain text in blocks: the same queries (line breaks and trailing CRs cut, a leading BOM skipped) and
     the same invalid_utf8 lines as a line-by-line read."""
     fields = LogFields()
-    default, records.JSONL_BLOCK = records.JSONL_BLOCK, block
+    default, records.BLOCK = records.BLOCK, block
     try:
         got = parse("x.txt", data)
     finally:
-        records.JSONL_BLOCK = default
+        records.BLOCK = default
     lines = records._lines(io.BytesIO(data), 1)
     assert got == [records._parse_line("x.txt", i, raw, "text", fields, None) for i, raw in lines]

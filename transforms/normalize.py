@@ -45,10 +45,11 @@ def check_column(
         queries = queries.combine_chunks()
     encoded = pc.dictionary_encode(queries)
     values = encoded.dictionary
-    keys = normalize_column(values)
+    printable = pc.ascii_is_printable(values)
+    keys = normalize_column(pc.if_else(printable, values, ""))  # the others: check_query below, remembered
     long = pc.greater(pc.utf8_length(values), max_chars)
     reasons = pc.if_else(long, "too_long", pc.if_else(pc.equal(keys, ""), "empty_query", pa.scalar(None, pa.string())))
-    others = pc.indices_nonzero(pc.invert(pc.ascii_is_printable(values))).to_pylist()
+    others = pc.indices_nonzero(pc.invert(printable)).to_pylist()
     if others or template is not None:
         keys, reasons = keys.to_pylist(), reasons.to_pylist()
         texts = values.to_pylist()

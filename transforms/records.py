@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 
@@ -76,7 +77,7 @@ def decompressed(path: str, raw: IO[bytes]) -> IO[bytes]:
     """The bytes of the log file ``path`` as read from ``raw``, decompressed by its extension (.gz, .bz2).
 
     Python's decompressors, not Beam's: they raise ``EOFError`` where a stream ends without its
-    end-of-stream marker (a file cut mid-upload), which :func:`parse_stream` reports as
+    end-of-stream marker (a file cut mid-upload), which :func:`parse_tables` reports as
     ``truncated_file``; Beam's stop there without a word. Closing the result leaves ``raw`` open.
     """
     name = path.lower()
@@ -172,7 +173,8 @@ def rejection(source: str, line: int, reason: str, excerpt: Any) -> dict:
 
 
 def parse_tables(source: str, stream: IO[bytes], fields: LogFields, batch: int = 4096) -> Iterator[pa.Table | dict]:
-    """Tables of records (up to ``batch`` rows from a line-by-line read, a block's from JSONL) and
+    """Tables of records (up to ``batch`` rows from a line-by-line read; a block's or a batch's from the
+    column-wise readers of JSONL, text and Parquet) and
     rejections of one file; the lines of a table and the rejections before it come in line order.
 
     Nothing in a file stops the parse: a record that cannot be processed is a dead letter, and a
@@ -304,13 +306,13 @@ def _parse_line(
     return *values[:3], source, number, *values[3:]
 
 
-JSONL_BLOCK = 1 << 20  # bytes of whole lines parsed by Arrow at once
+BLOCK = 1 << 20  # bytes of whole lines read at once (JSONL, text)
 _PER_LINE = 8  # a range of this many lines or fewer that Arrow refuses is classified line by line
 _DEEP = 512  # brackets on a line that may nest beyond what orjson reads: the line reader decides
 _ARROW_ROW = re.compile(r" in row (\d+)")
 
 
-def _parse_jsonl_blocks(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict]:
+def _parse_jsonl_blocks(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict | pa.Table]:
     """JSONL read in blocks of whole lines by ``pyarrow.json`` with a schema of the named fields only.
 
     Arrow is given only ranges of lines that each start with ``{``, hold valid UTF-8 and fewer than
@@ -319,9 +321,8 @@ def _parse_jsonl_blocks(source: str, stream: IO[bytes], fields: LogFields) -> It
     refuses (a field of another type, a line that is not one object) is narrowed down to its lines, which
     :func:`_parse_line` classifies exactly as a line-by-line read does; what Arrow reads but the
     contract refuses (a null query, a bad count, a blank user) is found column-wise. Every line gives
-    one record or one rejection, in order. A file that keeps failing blocks is read line by line.
+    one record (in a table) or one rejection. A block that keeps failing is read on line by line.
     """
-    import pyarrow as pa
     import pyarrow.json as pj
 
     names = [name for name in (fields.query, fields.count, fields.user) if name]
@@ -337,7 +338,7 @@ def _parse_jsonl_blocks(source: str, stream: IO[bytes], fields: LogFields) -> It
         return pj.read_json(io.BytesIO(chunk), read_options=block, parse_options=options)
 
     number = 0
-    for block in _line_blocks(stream, JSONL_BLOCK):
+    for block in _line_blocks(stream, BLOCK):
         items, lines = _jsonl_block(source, block, number + 1, fields, read)
         number += lines
         yield from items
@@ -346,10 +347,8 @@ def _parse_jsonl_blocks(source: str, stream: IO[bytes], fields: LogFields) -> It
 def _parse_text_blocks(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict | pa.Table]:
     """Plain text in blocks of whole lines, each line a query of weight 1, one table per block; a block
     that is not all UTF-8 is read line by line (its bad lines are ``invalid_utf8``)."""
-    import numpy as np
-
     number = 0
-    for block in _line_blocks(stream, JSONL_BLOCK):
+    for block in _line_blocks(stream, BLOCK):
         lines = block.split(b"\n")
         if block.endswith(b"\n"):
             lines.pop()
@@ -413,9 +412,6 @@ def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read:
     Items are records and rejections of the lines read one by one, and a table of the records Arrow
     read; each is placed at its first line, so a sort by line keeps line order between them.
     """
-    import numpy as np
-    import pyarrow as pa
-
     data = np.frombuffer(block, np.uint8)
     ends = np.flatnonzero(data == 10)  # the line breaks
     if not block.endswith(b"\n"):
@@ -463,8 +459,6 @@ def _first_bad_line(chunk: bytes, offset: int, ends) -> int | None:
     try:
         chunk.decode("utf-8")
     except UnicodeDecodeError as err:
-        import numpy as np
-
         return int(np.searchsorted(ends, offset + err.start))
     return None
 
@@ -477,8 +471,6 @@ def _checked(source, block, starts, ends, a, first, table, fields, items) -> Non
 
     The rows it keeps become one table at the first of their lines, those it refuses rejections.
     """
-    import numpy as np
-
     records, reason = _contract(table, fields, first + a, source)
     for row in np.flatnonzero(reason).tolist():
         i = a + row
@@ -491,7 +483,6 @@ def _checked(source, block, starts, ends, a, first, table, fields, items) -> Non
 def _contract(table: pa.Table, fields: LogFields, first: int, source: str):
     """The rows of ``table`` (a column per named field, of the types the contract takes whole) as a
     table of records from line ``first`` on, and each row's reason code (0: a record; ``_REASONS``)."""
-    import numpy as np
     import pyarrow.compute as pc
 
     n = table.num_rows
@@ -556,7 +547,6 @@ def _parse_parquet(source: str, stream: IO[bytes], fields: LogFields) -> Iterato
     """Batches of the named columns checked column-wise where their types are the contract's (a string
     query, an integer count, a string user, no time or label field), else row by row. A rejected row's
     excerpt is the row as a dict: of the named columns only when they are read alone."""
-    import numpy as np
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(stream)
