@@ -1,6 +1,6 @@
 """``querycache serve`` under load from wrk on loopback, in one run against its own ``/health`` floor.
 
-    python bench/serve.py [--queries 2000] [--seconds 10] [--model DIR]
+    python bench/serve.py [--queries 2000] [--seconds 10] [--model DIR] [--workers N]
 
 Builds a snapshot of ``--queries`` generated queries (the shipped MiniLM unless ``--model``), starts
 the server as its own process, then drives it with wrk (Debian's ``wrk``): ``/health`` (the HTTP
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--model")
+    parser.add_argument("--workers", type=int, default=1, help="serve --workers (the ceiling app gets as many)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench/serve.py needs wrk: apt-get install wrk")
@@ -120,6 +121,7 @@ def main() -> None:
         root, heads = _build(args.queries, args.model, tmp)
         url = f"http://127.0.0.1:{_port()}"
         command = [sys.executable, "-m", "querycache", "serve", str(root), "--port", url.rsplit(":", 1)[1], "--quiet"]
+        command += ["--workers", str(args.workers)]
         server = _start([*command, *(["--model", args.model] if args.model else [])], url)
         try:
             hit = urllib.request.Request(f"{url}/embed", json.dumps({"inputs": [heads[0]]}).encode())
@@ -144,6 +146,7 @@ def main() -> None:
             server.wait(30)
         ceiling_url = f"http://127.0.0.1:{_port()}"
         uvicorn = ["uvicorn", "ceiling:app", "--app-dir", str(tmp), "--loop", "uvloop", "--http", "httptools"]
+        uvicorn += ["--workers", str(args.workers)]
         ceiling = _start(
             [sys.executable, "-m", *uvicorn, "--port", ceiling_url.rsplit(":", 1)[1], "--log-level", "warning"],
             ceiling_url,
@@ -153,7 +156,8 @@ def main() -> None:
         finally:
             ceiling.terminate()
             ceiling.wait(30)
-    print(f"model {info['model_id']} ({info['model_dtype']}), {len(heads)} stored queries, wrk -t1 {args.seconds} s")
+    head = f"model {info['model_id']} ({info['model_dtype']}), {len(heads)} stored queries, wrk -t1 {args.seconds} s"
+    print(f"{head}, {args.workers} server process(es)")
     print(f"{'run':34s} {'requests/s':>11s} {'p50 ms':>8s} {'p99 ms':>8s} {'non-2xx':>8s}")
     for label, f in figures.items():
         row = f"{label:34s} {f['rps']:11,.0f} {f['p50_ms']:8.2f} {f['p99_ms']:8.2f} {f['non_2xx']:8d}"

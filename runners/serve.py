@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sys
+import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -12,6 +16,8 @@ import click
 from querycache.runners.common import UserError, require_extra, setup_logging
 from querycache.runners.manage import filesystem_options
 from querycache.store import fs
+
+WORKER_SETTINGS = "QUERYCACHE_SERVE_WORKER"  # --workers: the settings each worker starts from (JSON)
 
 
 @click.command()
@@ -50,6 +56,14 @@ from querycache.store import fs
     "--pull-from", help="A root on any filesystem (s3://...) to pull into ROOT, now and every --every seconds."
 )
 @click.option("--every", default=60.0, show_default=True, type=click.FloatRange(0.1), help="Seconds between pulls.")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Processes answering on the port, each mapping the snapshot (and loading its own model for misses); "
+    "/metrics sums them all.",
+)
 @click.option("--quiet", is_flag=True, help="Only warnings and errors on stderr.")
 @filesystem_options
 def serve(
@@ -63,6 +77,7 @@ def serve(
     every: float,
     quiet: bool,
     no_fallback: bool,
+    workers: int,
     **kw,
 ) -> None:
     """Answer TEI-style HTTP requests from ROOT's current snapshot; misses go to the model.
@@ -87,13 +102,14 @@ def serve(
 
     from querycache.serve import Limits, ModelMismatchError, create_app, load_service
     from querycache.store import SnapshotError
-    from querycache.store.pull import pull, watch
+    from querycache.store.pull import pull
 
     refused: tuple[type[Exception], ...] = (ModelMismatchError, SnapshotError, OSError)
     if not no_fallback:  # transformers is imported only to load a model
         from querycache.inference.model import ModelError
 
         refused += (ModelError,)
+    allow = kw.pop("allow_model_mismatch")
     try:
         if pull_from:
             pull(pull_from, root, keep=2)  # the previous snapshot stays until no lookup holds it
@@ -101,21 +117,60 @@ def serve(
             root,
             model_dir,
             device=device,
-            allow_model_mismatch=kw.pop("allow_model_mismatch"),
+            allow_model_mismatch=allow,
             no_fallback=no_fallback,
         )
     except refused as err:
         raise UserError(str(err)) from None
-    model_dir = Path(service.model.get("model_dir") or "querycache")
-    served_name = served_model_name or (model_dir.parent.name if model_dir.name == "model" else model_dir.name)
+    served = Path(service.model.get("model_dir") or "querycache")
+    served_name = served_model_name or (served.parent.name if served.name == "model" else served.name)
+    uvicorn_settings = {"host": host, "port": port, "loop": "uvloop", "http": "httptools"}
+    uvicorn_settings["log_level"] = "warning" if quiet else "info"
+    if workers > 1:  # checked above; each worker opens the root and loads the model itself
+        service.close()
+        settings = {"root": str(root), "model_dir": model_dir, "device": device, "no_fallback": no_fallback}
+        settings |= {"allow_model_mismatch": allow, "limits": kw, "served_name": served_name, "quiet": quiet}
+        _start_pulling(pull_from, root, every, None)
+        with tempfile.TemporaryDirectory(prefix="querycache-metrics-") as directory:
+            os.environ[WORKER_SETTINGS] = json.dumps({**settings, "metrics": directory})
+            uvicorn.run(f"{__name__}:worker_app", factory=True, workers=workers, **uvicorn_settings)
+        return
     app = create_app(service, Limits(**kw), served_name)
-    if pull_from:  # each new snapshot pulled is switched to at once, on the pulling thread
-
-        def switch(_pulled) -> None:
-            service.cache.refresh()
-
-        threading.Thread(target=watch, args=(pull_from, root, every, 2, switch), daemon=True).start()
+    _start_pulling(pull_from, root, every, service.cache.refresh)
     # uvicorn drains on SIGTERM (stops accepting, finishes what is in flight), then raises the signal
     # again with the handler it found: this one, so that a drained shutdown exits 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", log_level="warning" if quiet else "info")
+    uvicorn.run(app, **uvicorn_settings)
+
+
+def _start_pulling(pull_from: str | None, root: str, every: float, refresh: Callable[[], None] | None) -> None:
+    """Pull each new snapshot of ``pull_from`` into ``root`` on a thread; ``refresh`` switches to it at once
+    (workers notice it themselves, a second at most after their next request)."""
+    if pull_from:
+        from querycache.store.pull import watch
+
+        switch = (lambda _pulled: refresh()) if refresh else None
+        threading.Thread(target=watch, args=(pull_from, root, every, 2, switch), daemon=True).start()
+
+
+def worker_app():
+    """The application of one ``--workers`` process (uvicorn spawns each and calls this), set up from
+    the command line's settings in the environment; its figures go to ``PID.slots`` in the directory
+    the workers share, so that a scrape in any of them sums all."""
+    from querycache.serve import Limits, create_app, load_service
+    from querycache.serve.metrics import Metrics
+    from querycache.serve.slots import Slots
+
+    settings = json.loads(os.environ[WORKER_SETTINGS])
+    setup_logging(settings["quiet"])
+    slots = Slots(Path(settings["metrics"]) / f"{os.getpid()}.slots")
+    service = load_service(
+        settings["root"],
+        settings["model_dir"],
+        device=settings["device"],
+        allow_model_mismatch=settings["allow_model_mismatch"],
+        no_fallback=settings["no_fallback"],
+        counts=slots,
+    )
+    metrics = Metrics(slots, settings["metrics"])
+    return create_app(service, Limits(**settings["limits"]), settings["served_name"], metrics)

@@ -36,6 +36,7 @@ import base64
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
@@ -234,13 +235,16 @@ class App:
                 return
 
 
-def create_app(service: Service, limits: Limits = Limits(), served_name: str = "querycache") -> App:
+def create_app(
+    service: Service, limits: Limits = Limits(), served_name: str = "querycache", metrics: Metrics | None = None
+) -> App:
     """The ASGI application serving ``service``; its shutdown closes the service.
 
-    ``served_name`` is the model name the OpenAI routes list and echo (any requested name is accepted).
+    ``served_name`` is the model name the OpenAI routes list and echo (any requested name is accepted);
+    ``metrics`` what ``/metrics`` answers (one of its own unless given: see ``serve.worker``).
     """
     in_flight = 0  # requests being answered; read and written on the event loop only
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     if service.batcher:
         service.batcher.on_round = metrics.round
     engine = service.engine  # None without a fallback
@@ -427,7 +431,8 @@ def create_app(service: Service, limits: Limits = Limits(), served_name: str = "
         return _tei_error(ApiError(503, "Unhealthy", "no snapshot is being served"))
 
     async def info(receive: Callable) -> Reply:
-        return _json({**service.info(), "served_model_name": served_name, **dataclasses.asdict(limits)})
+        info = {**service.info(), "served_model_name": served_name, **dataclasses.asdict(limits)}
+        return _json({**info, "pid": os.getpid()})
 
     def shutdown() -> None:
         service.close()

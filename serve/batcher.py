@@ -41,8 +41,9 @@ class Batcher:
         self.engine, self.max_round = engine, max_round
         self.fingerprint = engine.fingerprint  # the cache serves the snapshot only when this is its model version
         self.stats = RoundStats()
-        # called on the engine thread after each round: (queries, tokens, seconds, each request's wait)
-        self.on_round: Callable[[int, int, float, list[float]], None] | None = None
+        # called on the engine thread after each round: (queries, tokens, seconds, each request's wait,
+        # requests queued for the next round)
+        self.on_round: Callable[[int, int, float, list[float], int], None] | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="querycache-batcher", daemon=True)
         self._thread.start()
@@ -93,7 +94,8 @@ class Batcher:
         self.stats.tokens += stats.tokens
         self.stats.largest = max(self.stats.largest, len(keys))
         if self.on_round is not None:
-            self.on_round(len(keys), stats.tokens, stats.seconds, [started - queued for _, _, queued in waiting])
+            waits = [started - queued for _, _, queued in waiting]
+            self.on_round(len(keys), stats.tokens, stats.seconds, waits, self.queued())
         answers = dict(zip(keys, results))
         for wanted, future, _ in waiting:
             future.set_result([answers[key] for key in wanted])

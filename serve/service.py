@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -94,13 +95,15 @@ def load_service(
     device: str = "auto",
     allow_model_mismatch: bool = False,
     no_fallback: bool = False,
+    counts: MutableMapping[str, float] | None = None,
 ) -> Service:
     """Open ``root`` (a snapshot root: hot reload follows its ``CURRENT``) and load the fallback model.
 
     ``model_dir`` defaults to the directory the snapshot's manifest names, where it exists here,
     else the shipped default model. Raises :class:`ModelMismatchError` (one line) when that model's
     fingerprint is not the snapshot's, unless ``allow_model_mismatch``. With ``no_fallback`` no model
-    is loaded (nor torch imported): misses have no answer.
+    is loaded (nor torch imported): misses have no answer. ``counts`` keeps the cache's counters
+    (see :class:`~querycache.store.ReadThroughCache`).
     """
     if current_id(root) is None:
         raise SnapshotError(
@@ -114,7 +117,7 @@ def load_service(
     model = manifest["model"]
     if no_fallback:
         described = {"task": manifest["task"], "top_k": manifest["result"].get("top_k"), **model}
-        return Service(ReadThroughCache(root, fingerprint=model["fingerprint"]), described)
+        return Service(ReadThroughCache(root, fingerprint=model["fingerprint"], counts=counts), described)
     from querycache.inference import Engine
     from querycache.serve.batcher import Batcher
 
@@ -134,4 +137,4 @@ def load_service(
             )
         log.warning("%s: answering every request from the model, none from the snapshot", words)
     batcher = Batcher(engine)
-    return Service(ReadThroughCache(root, fallback=batcher), engine.describe(), batcher, matches)
+    return Service(ReadThroughCache(root, fallback=batcher, counts=counts), engine.describe(), batcher, matches)

@@ -20,7 +20,7 @@ import threading
 import time
 import weakref
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,6 +32,17 @@ from querycache.store.snapshot import Snapshot
 log = logging.getLogger(__name__)
 Fallback = Callable[[list[str]], Sequence[Any]]
 _caches: weakref.WeakSet = weakref.WeakSet()
+COUNTS = (  # the counters of ReadThroughCache.metrics()
+    "hits",
+    "lru_hits",
+    "misses",
+    "invalid",
+    "fallback_calls",
+    "fallback_queries",
+    "fallback_errors",
+    "reloads",
+    "reload_failures",
+)
 
 
 class Lookup(NamedTuple):
@@ -57,7 +68,8 @@ class ReadThroughCache:
     """Serve lookups from the current snapshot of ``root``; send misses to ``fallback``.
 
     Only snapshots of model version ``fingerprint`` answer (default: the fallback's ``fingerprint``
-    attribute; None: any snapshot).
+    attribute; None: any snapshot). The counters of :meth:`metrics` are kept in ``counts`` where
+    given (a mapping other processes can read), else in a dict.
     """
 
     def __init__(
@@ -70,6 +82,7 @@ class ReadThroughCache:
         check_seconds: float = 1.0,
         verify: bool = True,
         fingerprint: str | None = None,
+        counts: MutableMapping[str, float] | None = None,
     ):
         self.root = Path(root)
         self.fallback = fallback
@@ -85,20 +98,9 @@ class ReadThroughCache:
         self._failed_id: str | None = None
         self._until_check = 0
         self._next_check = 0.0
-        self._counts = dict.fromkeys(
-            (
-                "hits",
-                "lru_hits",
-                "misses",
-                "invalid",
-                "fallback_calls",
-                "fallback_queries",
-                "fallback_errors",
-                "reloads",
-                "reload_failures",
-            ),
-            0,
-        )
+        self._counts = counts if counts is not None else {}
+        for name in COUNTS:
+            self._counts[name] = 0
         self._seconds = {"lookup_seconds": 0.0, "fallback_seconds": 0.0}
         self._last_error: str | None = None
         _caches.add(self)

@@ -303,18 +303,20 @@ def _samples(text: str) -> dict[str, float]:
     return {name: float(value) for name, value in rows}
 
 
-def test_metrics_count_known_traffic(root, tiny_bert):
-    process, url = _serve(root, "--model", str(tiny_bert))
-    try:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            for _ in range(2):
-                assert client.post("/embed", json={"inputs": STORED[:3]}).status_code == 200
-            assert client.post("/v1/embeddings", json={"input": ["brand new", "also new"]}).status_code == 200
-            assert client.post("/embed", content=b"{nope").status_code == 422
-            assert client.post("/embed", json={"inputs": ["  "]}).status_code == 400
-            response = client.get("/metrics")
-    finally:
-        _stop(process)
+def _known_traffic(clients: list[httpx.Client]) -> None:
+    """Requests of known outcome, dealt to the first and the last of ``clients``."""
+    replies = [
+        (clients[0], "/embed", {"json": {"inputs": STORED[:3]}}, 200),
+        (clients[-1], "/embed", {"json": {"inputs": STORED[:3]}}, 200),
+        (clients[0], "/v1/embeddings", {"json": {"input": ["brand new", "also new"]}}, 200),
+        (clients[-1], "/embed", {"content": b"{nope"}, 422),
+        (clients[0], "/embed", {"json": {"inputs": ["  "]}}, 400),
+    ]
+    for client, path, body, status in replies:
+        assert client.post(path, **body).status_code == status
+
+
+def _check_known_traffic(response: httpx.Response, root) -> None:
     assert response.headers["content-type"].startswith("text/plain")
     got = _samples(response.text)
     with Snapshot.open(root) as snap:
@@ -330,6 +332,45 @@ def test_metrics_count_known_traffic(root, tiny_bert):
     assert got["te_queue_size"] == 0 and got["te_inference_duration_count"] == 1
     assert got[f'querycache_snapshot_info{{snapshot_id="{snapshot_id}",in_use="true"}}'] == 1
     assert 0 < got["querycache_snapshot_age_seconds"] < 3600
+
+
+def test_metrics_count_known_traffic(root, tiny_bert):
+    process, url = _serve(root, "--model", str(tiny_bert))
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            _known_traffic([client])
+            response = client.get("/metrics")
+    finally:
+        _stop(process)
+    _check_known_traffic(response, root)
+
+
+def test_workers_share_the_port_and_any_scrape_sums_them_all(root, tiny_bert):
+    process, url = _serve(root, "--model", str(tiny_bert), "--workers", "2")
+    clients: dict[int, httpx.Client] = {}  # a kept-alive connection to each worker, by its pid
+    try:
+        for _ in range(200):
+            client = httpx.Client(base_url=url, timeout=60)
+            pid = client.get("/info").json()["pid"]
+            if pid in clients:
+                client.close()
+            else:
+                clients[pid] = client
+            if len(clients) == 2:
+                break
+        assert len(clients) == 2, "200 connections all reached the same worker"
+        _known_traffic(list(clients.values()))
+        scrapes = [client.get("/metrics") for client in clients.values()]
+    finally:
+        for client in clients.values():
+            client.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    for response in scrapes:
+        _check_known_traffic(response, root)
+    first, second = (_samples(r.text) for r in scrapes)
+    first.pop("querycache_snapshot_age_seconds"), second.pop("querycache_snapshot_age_seconds")
+    assert first == second
 
 
 @pytest.fixture(scope="module", params=["classify", "fill-mask"])
