@@ -10,15 +10,35 @@ import pyarrow as pa
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from querycache.transforms.count import CountQueries, partition_of
+from querycache.transforms.count import CountQueries, fnv1a, fnv1a_column, partition_of
 
 KEYS = ["hotels in rome", "café", "東京 天気", "a", "x" * 600, "emoji 🙂"]
 
 
 def test_partitions_are_the_same_on_every_machine():
-    assert partition_of("hotels in rome") == 953_627_349 % 256  # CRC-32, not Python's salted hash
+    assert fnv1a("") == 0xCBF29CE484222325 and fnv1a("a") == 0xAF63DC4C8601EC8C  # FNV-1a's published values
+    assert fnv1a("foobar") == 0x85944171F73967E8
+    assert partition_of("hotels in rome") == fnv1a("hotels in rome") % 256  # not Python's salted hash
     assert {partition_of(key, 1) for key in KEYS} == {0}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.none() | st.text(max_size=80) | st.sampled_from(KEYS), max_size=60),
+    st.integers(0, 5),
+    st.integers(1, 3),
+)
+def test_the_column_hash_is_the_plain_hash_of_each_string(texts, skip, chunks):
+    texts = [t.encode("utf-8", "replace").decode("utf-8") if t is not None else None for t in texts]
+    column = pa.array(["skipped"] * skip + texts, pa.string())[skip:]  # an array with an offset
+    cut = [len(texts) * i // chunks for i in range(chunks + 1)]
+    chunked = pa.chunked_array([column[a:b] for a, b in zip(cut, cut[1:])], pa.string())
+    expected = [None if t is None else fnv1a(t) for t in texts]
+    assert fnv1a_column(column).to_pylist() == expected
+    assert fnv1a_column(chunked).to_pylist() == expected
 
 
 @pytest.mark.parametrize(("users", "partitions"), [(True, 1), (True, 7), (False, 256)])

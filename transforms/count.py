@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import zlib
-
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
@@ -13,34 +10,47 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-_MEMO = 1 << 18  # distinct users whose hashes a worker remembers: logs repeat their users
 PARTITIONS = 256  # of the key space: what crosses the shuffle, and how far the merge spreads over workers
+FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
+_WIDE = 64  # bytes: longer strings (rare) are hashed by the plain loop
 
 
-def _hashed(user: str) -> int:
-    return int.from_bytes(hashlib.blake2b(user.encode("utf-8"), digest_size=8).digest(), "little")
+def fnv1a(text: str) -> int:
+    """64-bit FNV-1a of ``text``'s UTF-8: the same in every process and on every machine."""
+    value = FNV_OFFSET
+    for byte in text.encode("utf-8", "surrogatepass"):
+        value = ((value ^ byte) * FNV_PRIME) & 0xFFFF_FFFF_FFFF_FFFF
+    return value
+
+
+def fnv1a_column(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """:func:`fnv1a` of each string of ``column`` (null stays null), byte position by byte position over
+    all strings at once; strings over 64 bytes go through :func:`fnv1a` itself."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    column = column.cast(pa.large_string())
+    n = len(column)
+    offsets = np.frombuffer(column.buffers()[1], np.int64, n + 1, column.offset * 8)
+    data = np.frombuffer(column.buffers()[2] or b"", np.uint8)
+    lengths = np.diff(offsets)
+    order = np.argsort(-lengths, kind="stable")  # the strings still going at a position are a prefix
+    starts, ordered = offsets[:-1][order], lengths[order]
+    hashes = np.full(n, FNV_OFFSET, np.uint64)
+    prime = np.uint64(FNV_PRIME)
+    for position in range(min(int(ordered[0]) if n else 0, _WIDE)):
+        going = int(np.searchsorted(-ordered, -position, side="left"))  # lengths > position
+        hashes[:going] ^= data[starts[:going] + position]
+        hashes[:going] *= prime
+    result = np.empty(n, np.uint64)
+    result[order] = hashes
+    for i in np.flatnonzero(lengths > _WIDE):
+        result[i] = fnv1a(column[int(i)].as_py())
+    return pa.array(result, pa.uint64(), mask=column.is_null().to_numpy(zero_copy_only=False))
 
 
 def partition_of(key: str, partitions: int = PARTITIONS) -> int:
-    """The partition a key is counted in: CRC-32 of its UTF-8, the same in every process and on every machine."""
-    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % partitions
-
-
-def _per_distinct(
-    column: pa.Array | pa.ChunkedArray, function, kind: pa.DataType, memo: dict | None = None
-) -> pa.Array:
-    """``function`` of each value of ``column``, called once per distinct value (and value of ``memo``)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    encoded = pc.dictionary_encode(column)
-    values = encoded.dictionary.to_pylist()
-    if memo is None:
-        results = list(map(function, values))
-    else:
-        if len(memo) > _MEMO:
-            memo.clear()
-        results = [memo[v] if v in memo else memo.setdefault(v, function(v)) for v in values]
-    return pc.take(pa.array(results, kind), encoded.indices)
+    """The partition a key is counted in: :func:`fnv1a` of it, modulo ``partitions``."""
+    return fnv1a(key) % partitions
 
 
 def to_ipc(table: pa.Table) -> bytes:
@@ -64,7 +74,7 @@ def _sums(table: pa.Table, users: bool) -> pa.Table:
 class _PartialCounts(beam.DoFn):
     """Per bundle, the sums of its keys as ``(partition, Arrow IPC bytes)``: at most ``partitions`` per flush.
 
-    Each table of ``key, weight, user`` is summed per key (and per 64-bit BLAKE2b hash of the user),
+    Each table of ``key, weight, user`` is summed per key (and per 64-bit FNV-1a hash of the user),
     so the shuffle carries one row per distinct key (or key and user) of the bundle, in a few tables.
     The sums are flushed whenever they hold ``FLUSH`` rows, so memory stays bounded. A retried bundle
     starts from nothing, so nothing is counted twice.
@@ -75,9 +85,6 @@ class _PartialCounts(beam.DoFn):
     def __init__(self, users: bool, partitions: int):
         self.users, self.partitions = users, partitions
 
-    def setup(self):
-        self._hashes: dict[str, int] = {}
-
     def start_bundle(self):
         self._parts: list[pa.Table] = []
         self._rows = 0
@@ -85,7 +92,7 @@ class _PartialCounts(beam.DoFn):
     def process(self, keys: pa.Table):
         table = keys.select(["key", "weight"])
         if self.users:
-            table = table.append_column("user", _per_distinct(keys.column("user"), _hashed, pa.uint64(), self._hashes))
+            table = table.append_column("user", fnv1a_column(keys.column("user")))
         part = _sums(table, self.users)
         self._parts.append(part)
         self._rows += part.num_rows
@@ -101,9 +108,9 @@ class _PartialCounts(beam.DoFn):
             return
         sums = _sums(pa.concat_tables(self._parts), self.users)
         self._parts, self._rows = [], 0
-        partition = _per_distinct(sums.column("key"), lambda key: partition_of(key, self.partitions), pa.int32())
-        order = pc.sort_indices(partition)
-        sums, partition = sums.take(order), partition.take(order).to_numpy()
+        partition = fnv1a_column(sums.column("key")).to_numpy() % np.uint64(self.partitions)
+        order = np.argsort(partition, kind="stable")
+        sums, partition = sums.take(order), partition[order]
         cuts = np.flatnonzero(np.diff(partition)) + 1
         for start, end in zip([0, *cuts], [*cuts, len(partition)]):
             part = sums.slice(start, end - start)  # a key's text once, not in each of its (key, user) rows:
@@ -129,7 +136,7 @@ class CountQueries(beam.PTransform):
     Input: tables of ``key, weight, user``. Each worker sums its tables per key and sends the sums to
     the partition that owns each key (a stable hash of the key): the shuffle carries a few tables per
     bundle, and each partition is merged on one worker, so no worker sees all keys or all (key, user)
-    pairs. Users are hashed (64-bit BLAKE2b) first. Without users, the third field of the output is None.
+    pairs. Users are hashed (64-bit FNV-1a) first. Without users, the third field of the output is None.
     """
 
     def __init__(self, users: bool = False, partitions: int = PARTITIONS):
