@@ -46,8 +46,8 @@ from querycache.transforms.write_snapshot import WriteDeadLetters, WriteSnapshot
 
 log = logging.getLogger(__name__)
 STATISTICS = {
-    "lines_read": SUM, "accepted": ITEMS, "distinct_queries": COUNT, "reused": COUNT,
-    "rejected_by_reason": BY_VALUE, "dropped_for_privacy": BY_VALUE, "unanswered": BY_VALUE, "inference": MERGE,
+    "lines_read": SUM, "accepted": ITEMS, "distinct_queries": ITEMS, "reused": COUNT,
+    "rejected_by_reason": BY_VALUE, "dropped_for_privacy": MERGE, "unanswered": BY_VALUE, "inference": MERGE,
     "truncated_files": MERGE,
 }  # fmt: skip
 

@@ -34,8 +34,8 @@ from querycache.transforms.stats import BY_VALUE, COUNT, ITEMS, MERGE, SUM, Gath
 
 log = logging.getLogger(__name__)
 STATISTICS = {
-    "lines_read": SUM, "accepted": ITEMS, "distinct_queries": COUNT, "examples": COUNT,
-    "rejected_by_reason": BY_VALUE, "dropped_for_privacy": BY_VALUE, "truncated_files": MERGE,
+    "lines_read": SUM, "accepted": ITEMS, "distinct_queries": ITEMS, "examples": COUNT,
+    "rejected_by_reason": BY_VALUE, "dropped_for_privacy": MERGE, "truncated_files": MERGE,
 }  # fmt: skip
 DATA_DIR = ".finetune-data"
 

@@ -28,7 +28,7 @@ from apache_beam.pvalue import AsSingleton
 
 from querycache.pipelines.checks import BuildError, check_accepted, check_logs
 from querycache.pipelines.snapshot_files import SnapshotFiles, locate_snapshot
-from querycache.transforms.count import CountQueries
+from querycache.transforms.count import CountQueries, count_rows
 from querycache.transforms.normalize import NormalizeQueries
 from querycache.transforms.read_logs import ReadQueryLogs, Truncations
 from querycache.transforms.records import LogFields
@@ -98,7 +98,8 @@ def replay_pipeline(p: beam.Pipeline, options: ReplayOptions, plan: Plan, out: s
     keys, invalid = records | "NormalizeQueries" >> NormalizeQueries(build.get("max_query_chars", 512), template)
     counts = keys | "CountQueries" >> CountQueries(users=options.fields.user is not None)
     stored = p | "ReadSnapshotKeys" >> ReadSnapshotKeys(plan.snapshot.parquet)
-    heldout, stored = (counts, stored) | "JoinSnapshot" >> JoinSnapshot()
+    rows = counts | "CountRows" >> beam.FlatMap(count_rows)
+    heldout, stored = (rows, stored) | "JoinSnapshot" >> JoinSnapshot()
     placed = stored | "PlaceByRank" >> PlaceByRank(sorted({*plan.head_sizes, SNAPSHOT_TOP}))
     eligible, dropped = heldout | "ScreenPrivacy" >> ScreenPrivacy(plan.min_users, plan.scrub_pii)
     histogram = eligible | "Histogram" >> Histogram(lambda row: row.count)

@@ -13,7 +13,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from querycache.transforms.count import CountQueries, fnv1a, fnv1a_column, partition_of
+from querycache.transforms.count import CountQueries, count_rows, fnv1a, fnv1a_column, partition_of
 
 KEYS = ["hotels in rome", "café", "東京 天気", "a", "x" * 600, "emoji 🙂"]
 
@@ -54,5 +54,5 @@ def test_counts_and_users_are_exact_across_tables_and_partitions(users, partitio
         pa.table(list(zip(*records[i : i + 250])), names=["key", "weight", "user"]) for i in range(0, len(records), 250)
     ]
     with TestPipeline() as p:
-        got = p | beam.Create(tables, reshuffle=False) | CountQueries(users=users, partitions=partitions)
+        got = p | beam.Create(tables, reshuffle=False) | CountQueries(users, partitions) | beam.FlatMap(count_rows)
         assert_that(got, equal_to(expected))

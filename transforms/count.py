@@ -1,6 +1,8 @@
-"""CountQueries: key tables -> (key, count, users) with weighted counts and distinct users."""
+"""CountQueries: key tables -> tables of (key, count, users): weighted counts and distinct users."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import apache_beam as beam
 import numpy as np
@@ -10,6 +12,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
+COUNTS = ("key", "count", "users")  # the columns of what CountQueries gives
 PARTITIONS = 256  # of the key space: what crosses the shuffle, and how far the merge spreads over workers
 FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
 _WIDE = 64  # bytes: longer strings (rare) are hashed by the plain loop
@@ -118,16 +121,21 @@ class _PartialCounts(beam.DoFn):
             yield int(partition[start]), to_ipc(part)
 
 
-def _merge(partition: int, parts, users: bool = False):
-    """One partition's partial sums -> ``(key, count, distinct users or None)`` for each of its keys."""
+def _merge(partition: int, parts, users: bool = False) -> Iterator[pa.Table]:
+    """One partition's partial sums -> one table of ``key, count, users`` (distinct users, or null)."""
     tables = [from_ipc(part) for part in parts]
     tables = [table.set_column(0, "key", table.column("key").cast(pa.string())) for table in tables]
     sums = _sums(pa.concat_tables(tables), users)
     if users:  # one row per key and user: their number is the key's distinct users
         sums = sums.group_by("key", use_threads=False).aggregate([("weight", "sum"), ("user", "count")])
-        yield from zip(*(sums.column(name).to_pylist() for name in ("key", "weight_sum", "user_count")))
+        yield pa.table([sums["key"], sums["weight_sum"], sums["user_count"]], names=COUNTS)
     else:
-        yield from ((key, count, None) for key, count in zip(*(c.to_pylist() for c in sums.columns)))
+        yield pa.table([sums["key"], sums["weight"], pa.nulls(sums.num_rows, pa.int64())], names=COUNTS)
+
+
+def count_rows(counts: pa.Table) -> Iterator[tuple[str, int, int | None]]:
+    """The ``(key, count, users)`` rows of a table of :class:`CountQueries`."""
+    return zip(*(counts.column(name).to_pylist() for name in COUNTS))
 
 
 class CountQueries(beam.PTransform):
@@ -136,7 +144,8 @@ class CountQueries(beam.PTransform):
     Input: tables of ``key, weight, user``. Each worker sums its tables per key and sends the sums to
     the partition that owns each key (a stable hash of the key): the shuffle carries a few tables per
     bundle, and each partition is merged on one worker, so no worker sees all keys or all (key, user)
-    pairs. Users are hashed (64-bit FNV-1a) first. Without users, the third field of the output is None.
+    pairs. Users are hashed (64-bit FNV-1a) first. Output: one table of ``key, count, users`` per
+    partition that has keys (``users`` null without users; :func:`count_rows` reads it as rows).
     """
 
     def __init__(self, users: bool = False, partitions: int = PARTITIONS):

@@ -1,25 +1,68 @@
-"""SelectHead: (key, count, users) -> the head, ranked, after the privacy filters.
+"""SelectHead: tables of (key, count, users) -> the head, ranked, after the privacy filters.
 
-Thresholds come from a global histogram of counts (one small dict); the rows are then filtered
-in parallel. No step gathers all distinct queries on one worker: only the queries tied at the
-threshold pass through a bounded combiner that keeps the ones with the smallest keys.
+Each partition's table is screened and reduced column-wise: the PII scrub runs in Python only on keys
+that could be personal (every key outside ASCII, ASCII keys with a digit, ``@`` or ``:``), the
+histogram of counts is summed per table. Thresholds come from that global histogram (one small dict);
+the tables are then filtered in parallel. No step gathers all distinct queries on one worker: only
+the head becomes rows, and the queries tied at the threshold (each table's smallest keys first) pass
+through a bounded combiner that keeps the ones with the smallest keys.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton
 
 from querycache.store.keys import key_bytes
+from querycache.transforms.count import count_rows
 from querycache.transforms.privacy import pii_reason
 from querycache.transforms.progress import tick
 from querycache.transforms.selection import Selection, plan_head
 
 DROPPED, TIED = "dropped", "tied"
 log = logging.getLogger(__name__)
+
+
+_MAYBE_PERSONAL = "[@:0-9]"  # an ASCII key matching none of these has nothing pii_reason looks for
+
+
+def privacy_reasons(counts: pa.Table, min_users: int | None, scrub_pii: bool) -> list[str | None]:
+    """Why each row of a table of ``key, count, users`` is kept out of the head (as :class:`_Screen`
+    says of its row), or None."""
+    keys = counts.column("key")
+    reasons: list[str | None] = [None] * counts.num_rows
+    if scrub_pii:
+        maybe = pc.or_(pc.invert(pc.string_is_ascii(keys)), pc.match_substring_regex(keys, _MAYBE_PERSONAL))
+        for i in np.flatnonzero(maybe.to_numpy(zero_copy_only=False)):
+            reasons[i] = pii_reason(keys[int(i)].as_py())
+    if min_users:
+        few = pc.less(pc.fill_null(counts.column("users"), 0), min_users).to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero(few):
+            reasons[i] = reasons[i] or "min_users"
+    return reasons
+
+
+class _ScreenTables(beam.DoFn):
+    """A table of counts -> its eligible rows (a table) and ``{reason: queries}`` of the rest."""
+
+    def __init__(self, min_users: int | None, scrub_pii: bool):
+        self.min_users, self.scrub_pii = min_users, scrub_pii
+
+    def process(self, counts: pa.Table):
+        reasons = privacy_reasons(counts, self.min_users, self.scrub_pii)
+        dropped = Counter(reason for reason in reasons if reason)
+        if dropped:
+            yield beam.pvalue.TaggedOutput(DROPPED, dict(dropped))
+            counts = counts.filter(pa.array([reason is None for reason in reasons]))
+        if counts.num_rows:
+            yield counts
 
 
 class _Screen(beam.DoFn):
@@ -77,15 +120,45 @@ class SmallestKeys(beam.CombineFn):
         return quota, rows[:quota]
 
 
-def _split(row, plan):
-    """Rows above the threshold go to the head; rows at it compete for the tie quota."""
+def _split(counts: pa.Table, plan: dict):
+    """Rows above the threshold go to the head; of the rows at it, the ``take_at_threshold`` with the
+    smallest keys compete for the tie quota."""
     threshold, quota = plan["threshold"], plan["take_at_threshold"]
-    if threshold is None or row[1] < threshold:
+    if threshold is None:
         return
-    if row[1] > threshold or quota is None:
-        yield row
-    else:
-        yield beam.pvalue.TaggedOutput(TIED, (quota, row))
+    count = counts.column("count")
+    above = counts.filter(pc.greater(count, threshold) if quota is not None else pc.greater_equal(count, threshold))
+    yield from count_rows(above)
+    if quota is not None:
+        tied = counts.filter(pc.equal(count, threshold))  # Arrow orders strings by their UTF-8 bytes: key_bytes
+        tied = tied.take(pc.sort_indices(tied, [("key", "ascending")])[:quota])
+        yield from (beam.pvalue.TaggedOutput(TIED, (quota, row)) for row in count_rows(tied))
+
+
+class _SumCounts(beam.CombineFn):
+    """``{value: n}`` dicts summed."""
+
+    def create_accumulator(self) -> Counter:
+        return Counter()
+
+    def add_input(self, acc: Counter, element: dict) -> Counter:
+        acc.update(element)
+        return acc
+
+    def merge_accumulators(self, accs) -> Counter:
+        total = Counter()
+        for acc in accs:
+            total.update(acc)
+        return total
+
+    def extract_output(self, acc: Counter) -> dict:
+        return dict(acc)
+
+
+def _histogram(counts: pa.Table) -> dict[int, int]:
+    """``{count: queries with it}`` of a table."""
+    pairs = pc.value_counts(counts.column("count"))
+    return dict(zip(pairs.field("values").to_pylist(), pairs.field("counts").to_pylist()))
 
 
 def _plan_and_report(histogram: dict, total_traffic: int, selection: Selection) -> dict:
@@ -105,8 +178,9 @@ def _plan_and_report(histogram: dict, total_traffic: int, selection: Selection) 
 class SelectHead(beam.PTransform):
     """``counts | SelectHead(Selection("top_k", 1000), min_users=5)`` -> ``(head, plan, dropped)``.
 
-    ``head`` rows are ``(key, count, users, rank)``; ``plan`` is the singleton of
-    :func:`transforms.selection.plan_head`; ``dropped`` holds one privacy reason per dropped query.
+    ``counts`` are the tables of :class:`~querycache.transforms.count.CountQueries`. ``head`` rows are
+    ``(key, count, users, rank)``; ``plan`` is the singleton of :func:`transforms.selection.plan_head`;
+    ``dropped`` holds ``{reason: queries}`` dicts of the queries the privacy filters kept out.
     """
 
     def __init__(self, selection: Selection, min_users: int | None = None, scrub_pii: bool = True):
@@ -114,13 +188,19 @@ class SelectHead(beam.PTransform):
         self.selection, self.min_users, self.scrub_pii = selection, min_users, scrub_pii
 
     def expand(self, counts):
-        eligible, dropped = counts | "Privacy" >> ScreenPrivacy(self.min_users, self.scrub_pii)
-        total = counts | "Traffic" >> beam.Map(lambda row: row[1]) | "SumTraffic" >> beam.CombineGlobally(sum)
+        screened = counts | "Privacy" >> beam.ParDo(_ScreenTables(self.min_users, self.scrub_pii)).with_outputs(
+            DROPPED, main="eligible"
+        )
+        eligible, dropped = screened.eligible, screened[DROPPED]
+        total = (
+            counts
+            | "Traffic" >> beam.Map(lambda table: pc.sum(table.column("count")).as_py() or 0)
+            | "SumTraffic" >> beam.CombineGlobally(sum)
+        )
         plan = (
             eligible
-            | "Counts" >> beam.Map(lambda row: row[1])
-            | "Histogram" >> beam.combiners.Count.PerElement()
-            | "ToDict" >> beam.combiners.ToDict()
+            | "Counts" >> beam.Map(_histogram)
+            | "Histogram" >> beam.CombineGlobally(_SumCounts())
             | "Plan" >> beam.Map(_plan_and_report, total_traffic=AsSingleton(total), selection=self.selection)
         )
         split = eligible | "Threshold" >> beam.FlatMap(_split, plan=AsSingleton(plan)).with_outputs(TIED, main="above")
@@ -129,9 +209,8 @@ class SelectHead(beam.PTransform):
             | "SmallestKeys" >> beam.CombineGlobally(SmallestKeys())
             | "Unpack" >> beam.FlatMap(lambda rows: rows)
         )
-        above = split.above
         head = (
-            (above, tied)
+            (split.above, tied)
             | "Head" >> beam.Flatten()
             | "Rank" >> beam.Map(lambda row, plan: (*row, plan["ranks"][row[1]]), plan=AsSingleton(plan))
         )

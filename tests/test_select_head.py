@@ -1,0 +1,34 @@
+"""SelectHead's column-wise privacy screen against the row screen replay uses."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from apache_beam.pvalue import TaggedOutput
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from querycache.transforms.select_head import _Screen, privacy_reasons
+
+PERSONAL = ["mail me at a.b@example.com", "card 4111 1111 1111 1111", "call +1 (555) 010-0199", "ip 10.0.0.1",
+            "fe80::1 down", "order 1234567890", "room 101", "٣٤٥٦٧٨٩٠١٢ arabic digits", "１２３４５６７８９０ wide",
+            "a:b", "@home", "no digits here", "ünïcödé", "東京 天気"]  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(PERSONAL) | st.text(max_size=30), st.none() | st.integers(0, 9)), max_size=40),
+    st.none() | st.integers(1, 6),
+    st.booleans(),
+)
+def test_the_table_screen_gives_each_row_the_reason_the_row_screen_gives(rows, min_users, scrub_pii):
+    rows = [(key.encode("utf-8", "replace").decode("utf-8"), users) for key, users in rows]
+    keys, users = [k for k, _ in rows], [u for _, u in rows]
+    table = pa.table(
+        {"key": pa.array(keys, pa.string()), "count": [1] * len(rows), "users": pa.array(users, pa.int64())}
+    )
+    screen = _Screen(min_users, scrub_pii)
+    expected = []
+    for key, users in rows:
+        out = list(screen.process((key, 1, users)))
+        expected.append(out[0].value if isinstance(out[0], TaggedOutput) else None)
+    assert privacy_reasons(table, min_users, scrub_pii) == expected
