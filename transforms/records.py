@@ -418,9 +418,12 @@ def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read:
         ends = np.append(ends, len(block))
     starts = np.concatenate(([0], ends[:-1] + 1))
     brackets = np.add.reduceat(((data == 91) | (data == 123)).astype(np.int64), starts)
-    suspect = (data[starts] != 123) | (brackets >= _DEEP)  # lines Arrow is not given: not "{", or deep
+    last = np.maximum(ends - 1, 0)
+    last = np.maximum(last - (data[last] == 13), 0)  # before a "\r"
+    # lines Arrow is not given: not "{...}" (a malformed line costs Arrow a failed read), or deep
+    suspect = (data[starts] != 123) | (data[last] != 125) | (brackets >= _DEEP)
     items: list = [None] * len(ends)
-    budget = 3 * len(block)  # bytes Arrow may be given before the rest of the block goes line by line
+    budget = 8 * len(block)  # bytes Arrow may be given (it reads ~8x faster) before the rest goes line by line
     todo = [(0, len(ends))]
     while todo:
         a, b = todo.pop()
@@ -497,9 +500,11 @@ def _contract(table: pa.Table, fields: LogFields, first: int, source: str):
     user = pa.nulls(n, pa.string())
     if fields.user:
         user = table.column(fields.user).cast(pa.string())
-        encoded = pc.dictionary_encode(user).combine_chunks()
-        blank = pa.array([not u or u.isspace() for u in encoded.dictionary.to_pylist()], pa.bool_())
-        missing = pc.fill_null(pc.take(blank, encoded.indices), True).to_numpy(zero_copy_only=False)
+        missing = pc.invert(pc.fill_null(pc.match_substring_regex(user, "[0-9A-Za-z]"), False))
+        missing = missing.to_numpy(zero_copy_only=False)  # null, or no ASCII letter or digit: str decides
+        for row in np.flatnonzero(missing).tolist():
+            u = user[row].as_py()
+            missing[row] = u is None or not u or u.isspace()
         reason[(reason == 0) & missing] = 3
     lines = pa.array(np.arange(first, first + n, dtype=np.int64))
     return pa.table([query, weight, user, lines], names=list(_COLUMNS), metadata={"source": source}), reason
