@@ -12,6 +12,7 @@ _IPV6 = re.compile(r"(?<![\w:])[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?![\w:])")
 _PHONE = re.compile(r"(?<!\w)\+?\(?\d(?:[ ().-]{0,2}\d){6,14}(?!\w)")
 _DIGIT_RUN = re.compile(r"\d{9,}")
 _DIGIT_OR_COLON = re.compile(r"[\d:]")
+_DIGIT = re.compile(r"\d")
 
 
 def luhn_valid(digits: str) -> bool:
@@ -47,14 +48,19 @@ def pii_reason(key: str) -> str | None:
         return "email"
     if not _DIGIT_OR_COLON.search(key):  # the rest all need a digit (or an IPv6 colon)
         return None
-    for match in _CARD.finditer(key):
-        digits = re.sub(r"\D", "", match.group())
-        if 13 <= len(digits) <= 19 and luhn_valid(digits):
-            return "card"
-    if any(_is_ip(m.group()) for m in _IPV4.finditer(key)) or any(_is_ip(m.group()) for m in _IPV6.finditer(key)):
+    # what each pattern needs at least: a card 13 digits, IPv4 4 and 3 dots, IPv6 2 colons, a run 9, a phone 7
+    digits = len(_DIGIT.findall(key))
+    if digits >= 13:
+        for match in _CARD.finditer(key):
+            number = re.sub(r"\D", "", match.group())
+            if 13 <= len(number) <= 19 and luhn_valid(number):
+                return "card"
+    if digits >= 4 and key.count(".") >= 3 and any(_is_ip(m.group()) for m in _IPV4.finditer(key)):
         return "ip"
-    if _DIGIT_RUN.search(key):
+    if key.count(":") >= 2 and any(_is_ip(m.group()) for m in _IPV6.finditer(key)):
+        return "ip"
+    if digits >= 9 and _DIGIT_RUN.search(key):
         return "digit_run"
-    if any(_is_phone(m.group()) for m in _PHONE.finditer(key)):
+    if digits >= 7 and any(_is_phone(m.group()) for m in _PHONE.finditer(key)):
         return "phone"
     return None
