@@ -115,13 +115,23 @@ def normalize_column(queries: pa.Array | pa.ChunkedArray) -> pa.Array:
     encoded = pc.dictionary_encode(queries.cast(pa.string()))
     values = encoded.dictionary
     printable = pc.ascii_is_printable(values)
-    folded = pc.utf8_trim(pc.replace_substring(pc.ascii_lower(values), "  ", " "), " ")
-    while pc.any(pc.match_substring(folded, "  ")).as_py():  # a run of n spaces takes log2(n) rounds
-        folded = pc.replace_substring(folded, "  ", " ")
+    folded = fold_printable(values)
     others = pc.filter(values, pc.invert(printable)).to_pylist()
     if others:
         folded = pc.replace_with_mask(folded, pc.invert(printable), pa.array(map(normalize, others), pa.string()))
     return pc.take(folded, encoded.indices)
+
+
+def fold_printable(values):
+    """:func:`normalize` of each printable-ASCII string of an Arrow array, by Arrow compute: lower case,
+    runs of spaces collapsed, trimmed (``" "`` is their only whitespace). Other strings come out
+    folded as if they were ASCII, which is not their key: replace them."""
+    import pyarrow.compute as pc
+
+    folded = pc.utf8_trim(pc.replace_substring(pc.ascii_lower(values), "  ", " "), " ")
+    while pc.any(pc.match_substring(folded, "  ")).as_py():  # a run of n spaces takes log2(n) rounds
+        folded = pc.replace_substring(folded, "  ", " ")
+    return folded
 
 
 def query_list(queries: Iterable[str]) -> list[str]:

@@ -77,13 +77,13 @@ def _sums(table: pa.Table, users: bool) -> pa.Table:
 class _PartialCounts(beam.DoFn):
     """Per bundle, the sums of its keys as ``(partition, Arrow IPC bytes)``: at most ``partitions`` per flush.
 
-    Each table of ``key, weight, user`` is summed per key (and per 64-bit FNV-1a hash of the user),
-    so the shuffle carries one row per distinct key (or key and user) of the bundle, in a few tables.
-    The sums are flushed whenever they hold ``FLUSH`` rows, so memory stays bounded. A retried bundle
-    starts from nothing, so nothing is counted twice.
+    The tables of ``key, weight, user`` are held until they have ``FLUSH`` rows (so memory stays
+    bounded), then summed at once per key (and per 64-bit FNV-1a hash of the user): the shuffle carries
+    one row per distinct key (or key and user) of each flush, in a few tables. A retried bundle starts
+    from nothing, so nothing is counted twice.
     """
 
-    FLUSH = 1 << 18
+    FLUSH = 1 << 19
 
     def __init__(self, users: bool, partitions: int):
         self.users, self.partitions = users, partitions
@@ -96,9 +96,8 @@ class _PartialCounts(beam.DoFn):
         table = keys.select(["key", "weight"])
         if self.users:
             table = table.append_column("user", fnv1a_column(keys.column("user")))
-        part = _sums(table, self.users)
-        self._parts.append(part)
-        self._rows += part.num_rows
+        self._parts.append(table)
+        self._rows += table.num_rows
         if self._rows >= self.FLUSH:
             yield from self._drain()
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from querycache.inference.template import has_mask
-from querycache.store.keys import is_query, normalize, normalize_column
+from querycache.store.keys import fold_printable, is_query, normalize
 from querycache.transforms.records import rejection, source_of
 
 REJECTED = "rejected"
@@ -46,32 +46,37 @@ def check_column(
     encoded = pc.dictionary_encode(queries)
     values = encoded.dictionary
     printable = pc.ascii_is_printable(values)
-    keys = normalize_column(pc.if_else(printable, values, ""))  # the others: check_query below, remembered
+    keys = fold_printable(values)  # the others: check_query below, remembered
     long = pc.greater(pc.utf8_length(values), max_chars)
     reasons = pc.if_else(long, "too_long", pc.if_else(pc.equal(keys, ""), "empty_query", pa.scalar(None, pa.string())))
-    others = pc.indices_nonzero(pc.invert(printable)).to_pylist()
-    if others or template is not None:
-        keys, reasons = keys.to_pylist(), reasons.to_pylist()
-        texts = values.to_pylist()
+    others = pc.invert(printable)
+    if pc.any(others).as_py():
         memo = {} if memo is None else memo
         if len(memo) > _MEMO:
             memo.clear()
-        for i in others:
-            checked = memo.get(texts[i])
-            if checked is None:
-                try:
-                    checked = check_query(texts[i], max_chars)
-                except Exception as err:  # noqa: BLE001 - a query the checks cannot handle is a dead letter
-                    checked = None, f"unprocessable: {type(err).__name__}"
-                memo[texts[i]] = checked
-            keys[i], reasons[i] = checked
-        if template is not None:
-            for i, key in enumerate(keys):
-                if reasons[i] is None and not has_mask(template, key):
-                    reasons[i] = "no_mask"
+        checked = [_remembered(text, max_chars, memo) for text in values.filter(others).to_pylist()]
+        keys = pc.replace_with_mask(keys, others, pa.array([key for key, _ in checked], pa.string()))
+        reasons = pc.replace_with_mask(reasons, others, pa.array([reason for _, reason in checked], pa.string()))
+    if template is not None:
+        keys, reasons = keys.to_pylist(), reasons.to_pylist()
+        for i, key in enumerate(keys):
+            if reasons[i] is None and not has_mask(template, key):
+                reasons[i] = "no_mask"
         keys, reasons = pa.array(keys, pa.string()), pa.array(reasons, pa.string())
     keys = pc.if_else(reasons.is_null(), keys, pa.scalar(None, pa.string()))
     return pc.take(keys, encoded.indices), pc.take(reasons, encoded.indices)
+
+
+def _remembered(text: str, max_chars: int, memo: dict) -> tuple[str | None, str | None]:
+    """:func:`check_query` of ``text`` through ``memo``; a query the checks cannot handle is a dead letter."""
+    checked = memo.get(text)
+    if checked is None:
+        try:
+            checked = check_query(text, max_chars)
+        except Exception as err:  # noqa: BLE001 - a query the checks cannot handle is a dead letter
+            checked = None, f"unprocessable: {type(err).__name__}"
+        memo[text] = checked
+    return checked
 
 
 class _Normalize(beam.DoFn):
