@@ -18,6 +18,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -337,11 +338,31 @@ def _parse_jsonl_blocks(source: str, stream: IO[bytes], fields: LogFields) -> It
         block = pj.ReadOptions(use_threads=False, block_size=len(chunk) + 1)
         return pj.read_json(io.BytesIO(chunk), read_options=block, parse_options=options)
 
-    number = 0
-    for block in _line_blocks(stream, BLOCK):
-        items, lines = _jsonl_block(source, block, number + 1, fields, read)
-        number += lines
-        yield from items
+    yield from _one_ahead(
+        _line_blocks(stream, BLOCK), lambda block, first: _jsonl_block(source, block, first, fields, read)
+    )
+
+
+def _one_ahead(blocks: Iterator[bytes], work: Callable[[bytes, int], tuple[list, int]]) -> Iterator:
+    """The items of ``work(block, its first line number)`` for each block, in order, each block worked
+    on by a helper thread while the caller takes the items of the one before: Arrow's parse (which lets
+    go of the GIL) overlaps what the pipeline does downstream. A stream that fails still gives the
+    items of every block read before it fails."""
+    with ThreadPoolExecutor(1, thread_name_prefix="querycache-parse") as helper:
+        pending, number = None, 0
+        try:
+            for block in blocks:
+                ahead = helper.submit(work, block, number + 1)
+                number += block.count(b"\n") + (not block.endswith(b"\n"))
+                if pending is not None:
+                    yield from pending.result()[0]
+                pending = ahead
+        except Exception:
+            if pending is not None:
+                yield from pending.result()[0]
+            raise
+        if pending is not None:
+            yield from pending.result()[0]
 
 
 def _parse_text_blocks(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict | pa.Table]:
