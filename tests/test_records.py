@@ -192,7 +192,7 @@ def test_concatenated_gzip_members_are_one_log_and_a_plain_name_is_not_decompres
     assert decompressed("log.txt", raw) is raw
 
 
-GOOD = b'{"query":"Good one","user":"u1","count":2}'
+GOOD = b'{"query":"Good one","user":"u1","count":2,"lab":" sports "}'
 HOSTILE_JSONL = [
     b'{"query":\n"x","user":"u","count":1}',
     b'{"query":"a","user":"u","count":1}{"query":"b","user":"u","count":1}',
@@ -266,6 +266,16 @@ HOSTILE_JSONL = [
     b'{"query":"a","user":"u","count":-9223372036854775809}',
     b'{"query":"a","user":"u","count":1,"ts":"x"}',
     b'{"Query":"a","user":"u","count":1}',
+    b'{"query":"a","user":"u","count":1,"lab":""}',
+    b'{"query":"a","user":"u","count":1,"lab":"\\u3000\\u001c"}',
+    b'{"query":"a","user":"u","count":1,"lab":null}',
+    b'{"query":"a","user":"u","count":1,"lab":5}',
+    b'{"query":"a","user":"u","count":1,"lab":2.50}',
+    b'{"query":"a","user":"u","count":1,"lab":true}',
+    b'{"query":"a","user":"u","count":1,"lab":["x"]}',
+    b'{"query":"a","user":"u","count":1,"lab":{"x":1}}',
+    b'{"query":"a","user":"u","count":1,"lab":"\xc3\xa9 "}',
+    b'{"query":"a","user":"u","count":0,"lab":""}',
 ]
 
 
@@ -290,7 +300,7 @@ def test_jsonl_blocks_classify_every_line_as_the_line_reader_does(hostile, block
     data = b"\n".join(lines) + (b"\n" if final_newline else b"")
     default, records.BLOCK = records.BLOCK, block
     try:
-        for fields in (LogFields(count="count", user="user"), LogFields()):
+        for fields in (LogFields(count="count", user="user"), LogFields(), LogFields(count="count", label="lab")):
             assert list(parse_stream("f.jsonl", io.BytesIO(data), fields)) == _line_by_line(data, fields)
     finally:
         records.BLOCK = default

@@ -255,7 +255,7 @@ def _parse(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record
     if fmt == "parquet":
         yield from _parse_parquet(source, stream, fields)
         return
-    if fmt == "jsonl" and not (fields.time or fields.label):
+    if fmt == "jsonl" and not fields.time:
         yield from _parse_jsonl_blocks(source, stream, fields)
         return
     if fmt == "text" and not fields.label:
@@ -326,8 +326,8 @@ def _parse_jsonl_blocks(source: str, stream: IO[bytes], fields: LogFields) -> It
     """
     import pyarrow.json as pj
 
-    names = [name for name in (fields.query, fields.count, fields.user) if name]
-    types = {fields.query: pa.string(), fields.count: pa.int64(), fields.user: pa.string()}
+    names = [name for name in (fields.query, fields.count, fields.user, fields.label) if name]
+    types = {fields.query: pa.string(), fields.count: pa.int64(), fields.user: pa.string(), fields.label: pa.string()}
     if len(set(names)) < len(names):  # one field in two roles: the line-by-line read decides
         yield from (_parse_line(source, i, raw, "jsonl", fields, None) for i, raw in _lines(stream, 1))
         return
@@ -487,7 +487,7 @@ def _first_bad_line(chunk: bytes, offset: int, ends) -> int | None:
     return None
 
 
-_REASONS = ("", "missing_query", "bad_count", "missing_user")
+_REASONS = ("", "missing_query", "bad_count", "missing_user", "missing_label")
 
 
 def _checked(source, block, starts, ends, a, first, table, fields, items) -> None:
@@ -527,8 +527,15 @@ def _contract(table: pa.Table, fields: LogFields, first: int, source: str):
             u = user[row].as_py()
             missing[row] = u is None or not u or u.isspace()
         reason[(reason == 0) & missing] = 3
-    lines = pa.array(np.arange(first, first + n, dtype=np.int64))
-    return pa.table([query, weight, user, lines], names=list(_COLUMNS), metadata={"source": source}), reason
+    columns = [query, weight, user, pa.array(np.arange(first, first + n, dtype=np.int64))]
+    if fields.label:  # text (a label of another type went to the line reader), stripped as str.strip does
+        encoded = pc.dictionary_encode(table.column(fields.label)).combine_chunks()
+        stripped = pa.array([label.strip() for label in encoded.dictionary.to_pylist()], pa.string())
+        label = pc.take(stripped, encoded.indices)
+        reason[(reason == 0) & pc.fill_null(pc.equal(label, ""), True).to_numpy(zero_copy_only=False)] = 4
+        columns.append(label)
+    names = [*_COLUMNS, "label"] if fields.label else list(_COLUMNS)
+    return pa.table(columns, names=names, metadata={"source": source}), reason
 
 
 def _fast_json(raw: bytes) -> dict | None:
