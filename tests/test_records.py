@@ -10,6 +10,7 @@ from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -192,7 +193,7 @@ def test_concatenated_gzip_members_are_one_log_and_a_plain_name_is_not_decompres
     assert decompressed("log.txt", raw) is raw
 
 
-GOOD = b'{"query":"Good one","user":"u1","count":2,"lab":" sports "}'
+GOOD = b'{"query":"Good one","user":"u1","count":2,"lab":" sports ","ts":"2026-11-01T10:00:00Z"}'
 HOSTILE_JSONL = [
     b'{"query":\n"x","user":"u","count":1}',
     b'{"query":"a","user":"u","count":1}{"query":"b","user":"u","count":1}',
@@ -276,7 +277,28 @@ HOSTILE_JSONL = [
     b'{"query":"a","user":"u","count":1,"lab":{"x":1}}',
     b'{"query":"a","user":"u","count":1,"lab":"\xc3\xa9 "}',
     b'{"query":"a","user":"u","count":0,"lab":""}',
+    b'{"query":"a","user":"u","count":1,"ts":1793527200}',
+    b'{"query":"a","user":"u","count":1,"ts":1e300}',
+    b'{"query":"a","user":"u","count":1,"ts":null}',
+    b'{"query":"a","user":"u","count":1,"ts":true}',
+    b'{"query":"a","user":"u","count":1,"ts":" 2026-11-02 08:00 "}',
+    b'{"query":"a","user":"u","count":1,"ts":"2026-10-01T00:00:00+02:00"}',
+    b'{"query":"a","user":"u","count":1,"ts":"2026-12-01T00:00:00Z"}',
+    b'{"query":"a","user":"u","count":1,"ts":"2026-11-30T23:59:59-01:00"}',
+    b'{"query":"a","user":"u","count":1,"ts":"2026-11-01T00:00:00+25:00"}',
+    b'{"query":"a","user":"","count":1,"ts":"nope"}',
+    b'{"query":"a","user":"u","count":1,"ts":"nope","lab":""}',
 ]
+
+
+WINDOW = LogFields(
+    count="count",
+    user="user",
+    time="ts",
+    label="lab",
+    since=dt.datetime(2026, 10, 15, tzinfo=dt.UTC),
+    until=dt.datetime(2026, 12, 1, tzinfo=dt.UTC),
+)
 
 
 def _line_by_line(data: bytes, fields: LogFields) -> list:
@@ -284,6 +306,21 @@ def _line_by_line(data: bytes, fields: LogFields) -> list:
     return [
         records._parse_line("f.jsonl", i, raw, "jsonl", fields, None) for i, raw in records._lines(io.BytesIO(data), 1)
     ]
+
+
+FIELDS = (LogFields(count="count", user="user"), LogFields(), LogFields(count="count", label="lab"), WINDOW)
+
+
+@pytest.mark.parametrize("block", [64, 1 << 20])
+def test_each_hostile_line_among_good_ones_is_classified_as_the_line_reader_does(block):
+    default, records.BLOCK = records.BLOCK, block
+    try:
+        for hostile in HOSTILE_JSONL:
+            data = b"\n".join([GOOD] * 5 + [hostile] + [GOOD] * 5) + b"\n"
+            for fields in FIELDS:
+                assert list(parse_stream("f.jsonl", io.BytesIO(data), fields)) == _line_by_line(data, fields), hostile
+    finally:
+        records.BLOCK = default
 
 
 @settings(max_examples=200, deadline=None)
@@ -300,7 +337,7 @@ def test_jsonl_blocks_classify_every_line_as_the_line_reader_does(hostile, block
     data = b"\n".join(lines) + (b"\n" if final_newline else b"")
     default, records.BLOCK = records.BLOCK, block
     try:
-        for fields in (LogFields(count="count", user="user"), LogFields(), LogFields(count="count", label="lab")):
+        for fields in FIELDS:
             assert list(parse_stream("f.jsonl", io.BytesIO(data), fields)) == _line_by_line(data, fields)
     finally:
         records.BLOCK = default

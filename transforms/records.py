@@ -255,7 +255,7 @@ def _parse(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record
     if fmt == "parquet":
         yield from _parse_parquet(source, stream, fields)
         return
-    if fmt == "jsonl" and not fields.time:
+    if fmt == "jsonl":
         yield from _parse_jsonl_blocks(source, stream, fields)
         return
     if fmt == "text" and not fields.label:
@@ -326,8 +326,9 @@ def _parse_jsonl_blocks(source: str, stream: IO[bytes], fields: LogFields) -> It
     """
     import pyarrow.json as pj
 
-    names = [name for name in (fields.query, fields.count, fields.user, fields.label) if name]
-    types = {fields.query: pa.string(), fields.count: pa.int64(), fields.user: pa.string(), fields.label: pa.string()}
+    names = [name for name in (fields.query, fields.count, fields.user, fields.time, fields.label) if name]
+    types = dict.fromkeys((fields.time, fields.label, fields.user), pa.string())  # epoch numbers: line reader
+    types |= {fields.query: pa.string(), fields.count: pa.int64()}
     if len(set(names)) < len(names):  # one field in two roles: the line-by-line read decides
         yield from (_parse_line(source, i, raw, "jsonl", fields, None) for i, raw in _lines(stream, 1))
         return
@@ -487,7 +488,7 @@ def _first_bad_line(chunk: bytes, offset: int, ends) -> int | None:
     return None
 
 
-_REASONS = ("", "missing_query", "bad_count", "missing_user", "missing_label")
+_REASONS = ("", "missing_query", "bad_count", "missing_user", "missing_label", "bad_timestamp", "outside_time_window")
 
 
 def _checked(source, block, starts, ends, a, first, table, fields, items) -> None:
@@ -502,6 +503,15 @@ def _checked(source, block, starts, ends, a, first, table, fields, items) -> Non
     kept = reason == 0
     if kept.any():
         items[a + int(np.argmax(kept))] = records.filter(pa.array(kept))
+
+
+def _window(value: Any, fields: LogFields) -> int:
+    """0 for a time inside the window, else the code of ``bad_timestamp`` or ``outside_time_window``."""
+    try:
+        stamp = parse_time(value)
+    except (ValueError, TypeError, OverflowError, OSError):
+        return 5
+    return 6 if (fields.since and stamp < fields.since) or (fields.until and stamp >= fields.until) else 0
 
 
 def _contract(table: pa.Table, fields: LogFields, first: int, source: str):
@@ -528,6 +538,11 @@ def _contract(table: pa.Table, fields: LogFields, first: int, source: str):
             missing[row] = u is None or not u or u.isspace()
         reason[(reason == 0) & missing] = 3
     columns = [query, weight, user, pa.array(np.arange(first, first + n, dtype=np.int64))]
+    if fields.time:  # ISO 8601 text (a number went to the line reader), each distinct one by parse_time
+        encoded = pc.dictionary_encode(table.column(fields.time)).combine_chunks()
+        codes = np.array([_window(value, fields) for value in [None, *encoded.dictionary.to_pylist()]], np.int8)
+        window = codes[pc.fill_null(pc.add(encoded.indices, 1), 0).to_numpy(zero_copy_only=False)]  # null: None
+        reason[reason == 0] = window[reason == 0]
     if fields.label:  # text (a label of another type went to the line reader), stripped as str.strip does
         encoded = pc.dictionary_encode(table.column(fields.label)).combine_chunks()
         stripped = pa.array([label.strip() for label in encoded.dictionary.to_pylist()], pa.string())
