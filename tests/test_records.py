@@ -413,3 +413,101 @@ def test_text_blocks_are_read_as_lines(data, block):
         records.BLOCK = default
     lines = records._lines(io.BytesIO(data), 1)
     assert got == [records._parse_line("x.txt", i, raw, "text", fields, None) for i, raw in lines]
+
+
+CSV_HEADER = b"query,count,user,ts,lab"
+CSV_GOOD = b"Good one,2,u1,2026-11-01T10:00:00Z, sports "
+T = b",2026-11-01T10:00:00Z,x"
+HOSTILE_CSV = [
+    b'"a, b",1,u' + T,
+    b'"say ""hi""",1,u' + T,
+    b'a"b,1,u' + T,
+    b'"open,1,u' + T,
+    b"a,1,u",
+    b"a,1,u" + T + b",extra",
+    b",,,,",
+    b"a,,u" + T,
+    b"a, 3 ,u" + T,
+    b"a,03,u" + T,
+    b"a,0,u" + T,
+    b"a,-1,u" + T,
+    b"a,+1,u" + T,
+    b"a,\xef\xbc\x93,u" + T,
+    b"a,1099511627777,u" + T,
+    b"a,99999999999999999999,u" + T,
+    b"a,1.0,u" + T,
+    b"a,1, " + T,
+    b"a,1,\xe3\x80\x80" + T,
+    b"a,1,\x1c" + T,
+    b"a,1,u,nope,x",
+    b"a,1,u,2026-10-01,x",
+    b"a,1,u, 2026-11-02 08:00 ,x",
+    b"a,1,u,1793527200,x",
+    b"a,1,u,2026-11-01T10:00:00Z,",
+    b"a,1,u,2026-11-01T10:00:00Z,\xe3\x80\x80",
+    b"a\rb,1,u" + T,
+    b"a,1,u" + T + b"\r",
+    b"a,1,u" + T + b"\r\r",
+    b"a\x00,1,u" + T,
+    b"\xff,1,u" + T,
+    b"",
+    b"   ",
+    b"\t",
+    b"\xef\xbb\xbfa,1,u" + T,
+    b"a\tb,1,u" + T,
+    b"  a  ,1,u" + T,
+    b"\xc3\xa9t\xc3\xa9,1,u" + T,
+]
+CSV_FIELDS = (
+    LogFields(count="count", user="user"),
+    LogFields(),
+    LogFields(count="count", user="user", time="ts", label="lab", since=WINDOW.since, until=WINDOW.until),
+    LogFields(query="nowhere"),
+)
+
+
+def _csv_line_by_line(name: str, data: bytes, fields: LogFields) -> list:
+    """The reference: the header, then each line read and classified on its own, as before blocks."""
+    stream, fmt, out = io.BytesIO(data), format_of(name), []
+    header = stream.readline().rstrip(b"\r\n").removeprefix(records.BOM).decode("utf-8", "replace")
+    header = records._cells(header, "\t" if fmt == "tsv" else ",") or []
+    for number, raw in enumerate(iter(stream.readline, b""), 1):
+        out.append(records._parse_line(name, number, raw.rstrip(b"\r\n"), fmt, fields, header))
+    return out
+
+
+def _tsv(line: bytes) -> bytes:
+    return line.replace(b",", b"\0comma").replace(b"\t", b",").replace(b"\0comma", b"\t")
+
+
+@pytest.mark.parametrize("block", [64, 1 << 20])
+@pytest.mark.parametrize("name", ["f.csv", "f.tsv"])
+def test_each_hostile_csv_line_among_good_ones_is_classified_as_the_line_reader_does(block, name):
+    swap = _tsv if name.endswith(".tsv") else (lambda line: line)
+    default, records.BLOCK = records.BLOCK, block
+    try:
+        for hostile in HOSTILE_CSV:
+            data = b"\n".join(map(swap, [CSV_HEADER] + [CSV_GOOD] * 5 + [hostile] + [CSV_GOOD] * 5)) + b"\n"
+            for fields in CSV_FIELDS:
+                assert list(parse_stream(name, io.BytesIO(data), fields)) == _csv_line_by_line(name, data, fields), (
+                    hostile
+                )
+    finally:
+        records.BLOCK = default
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from([CSV_HEADER, b"query,query", b"query", b"\xef\xbb\xbfquery,count,user,ts,lab\r", b""]),
+    st.lists(st.sampled_from([CSV_GOOD, *HOSTILE_CSV]) | st.binary(max_size=20), max_size=30),
+    st.sampled_from([48, 300, 1 << 20]),
+    st.booleans(),
+)
+def test_csv_blocks_classify_every_line_as_the_line_reader_does(header, lines, block, final_newline):
+    data = b"\n".join([header, *lines]) + (b"\n" if final_newline else b"")
+    default, records.BLOCK = records.BLOCK, block
+    try:
+        for fields in CSV_FIELDS:
+            assert list(parse_stream("f.csv", io.BytesIO(data), fields)) == _csv_line_by_line("f.csv", data, fields)
+    finally:
+        records.BLOCK = default

@@ -261,6 +261,9 @@ def _parse(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record
     if fmt == "text" and not fields.label:
         yield from _parse_text_blocks(source, stream, fields)
         return
+    if fmt in ("csv", "tsv"):
+        yield from _parse_csv_blocks(source, stream, fields, "\t" if fmt == "tsv" else ",")
+        return
     header: list[str] | None = None
     number = 0
     for raw in iter(stream.readline, b""):
@@ -387,13 +390,116 @@ def _parse_text_blocks(source: str, stream: IO[bytes], fields: LogFields) -> Ite
         number += len(lines)
 
 
-def _lines(stream: IO[bytes], first: int) -> Iterator[tuple[int, bytes]]:
+def _parse_csv_blocks(source: str, stream: IO[bytes], fields: LogFields, delimiter: str) -> Iterator:
+    """CSV or TSV: the header line, then blocks of lines. The plain lines of a block (as many
+    delimiters as the header, no quote, carriage return or NUL) are read by ``pyarrow.csv`` with quoting
+    off, which splits them as Python's ``csv`` does, and checked column-wise; every other line (and every
+    line of a file whose header lacks a named field, names one twice or has one column) by
+    :func:`_parse_line`. Each line gives one record (in a table) or one rejection."""
+    fmt = "tsv" if delimiter == "\t" else "csv"
+    first = stream.readline()
+    if not first:
+        return
+    header = _cells(first.rstrip(b"\r\n").removeprefix(BOM).decode("utf-8", "replace"), delimiter) or []
+    names = [name for name in (fields.query, fields.count, fields.user, fields.time, fields.label) if name]
+    if len(header) < 2 or len(set(header)) < len(header) or not set(names) <= set(header):
+        yield from (_parse_line(source, i, raw, fmt, fields, header) for i, raw in _lines(stream, 1, bom=False))
+        return
+    import pyarrow.csv as pcsv
+
+    options = (
+        pcsv.ReadOptions(column_names=header, use_threads=False),
+        pcsv.ParseOptions(delimiter=delimiter, quote_char=False, escape_char=False, ignore_empty_lines=False),
+        pcsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()), include_columns=names),
+    )
+
+    def work(block: bytes, first: int) -> tuple[list, int]:
+        return _csv_block(source, block, first, fields, header, delimiter, options)
+
+    yield from _one_ahead(_line_blocks(stream, BLOCK, start=False), work)
+
+
+def _csv_block(source, block, first, fields, header, delimiter, options) -> tuple[list, int]:
+    """The items of the lines of a CSV/TSV ``block`` (line ``first`` onwards) and their number."""
+    import pyarrow.csv as pcsv
+
+    data = np.frombuffer(block, np.uint8)
+    ends = np.flatnonzero(data == 10)
+    if not block.endswith(b"\n"):
+        ends = np.append(ends, len(block))
+    starts = np.concatenate(([0], ends[:-1] + 1))
+
+    def per_line(mask: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(mask.astype(np.int64), starts)
+
+    trail = ((ends > starts) & (data[np.maximum(ends - 1, 0)] == 13)).astype(np.int64)  # a CR before the break
+    plain = (
+        (per_line(data == ord(delimiter)) == len(header) - 1)
+        & (per_line((data == 34) | (data == 0)) == 0)  # no quote, no NUL
+        & (per_line(data == 13) == trail)  # no other CR
+        & (per_line((data > 32) & (data < 127)) > 0)  # a visible ASCII character: not a blank line
+    )
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError:
+        plain[:] = False
+    fmt = "tsv" if delimiter == "\t" else "csv"
+    items: list = [None] * len(ends)
+    for i in np.flatnonzero(~plain).tolist():
+        items[i] = _parse_line(source, first + i, block[starts[i] : ends[i]].rstrip(b"\r"), fmt, fields, header)
+    rows = np.flatnonzero(plain)
+    if rows.size:
+        keep = np.repeat(plain, ends - starts + 1)[: len(block)]  # each plain line with its line break
+        table = _typed_counts(pcsv.read_csv(io.BytesIO(data[keep].tobytes()), *options), fields)
+        records, reason = _contract(table, fields, 0, source)
+        records = records.set_column(3, "line", pa.array(rows + first, pa.int64()))
+        _place(source, block, starts, ends, rows, first, records, reason, items)
+    return [item for item in items if item is not None], len(ends)
+
+
+def _typed_counts(table: pa.Table, fields: LogFields) -> pa.Table:
+    """The count column of CSV text as integers, null where the line reader's ``_weight`` refuses it:
+    plain digits by Arrow, the rest (spaces, other digits, signs) by ``_weight`` per distinct value."""
+    if not fields.count:
+        return table
+    import pyarrow.compute as pc
+
+    text = table.column(fields.count).combine_chunks()
+    plain = pc.match_substring_regex(text, "^[0-9]{1,18}$")
+    counts = pc.if_else(plain, text, pa.scalar(None, pa.string())).cast(pa.int64())
+    others = pc.invert(plain)
+    if pc.any(others).as_py():
+        encoded = pc.dictionary_encode(pc.filter(text, others))
+        weights = pa.array([_weight_or_none(value) for value in encoded.dictionary.to_pylist()], pa.int64())
+        counts = pc.replace_with_mask(counts, others, pc.take(weights, encoded.indices))
+    return table.set_column(table.schema.get_field_index(fields.count), fields.count, counts)
+
+
+def _weight_or_none(value: str) -> int | None:
+    try:
+        return _weight(value)
+    except (ValueError, TypeError):
+        return None
+
+
+def _place(source, block, starts, ends, rows, first, records, reason, items) -> None:
+    """Rejections of the refused rows at their lines; the kept rows as one table at the first of theirs."""
+    for row in np.flatnonzero(reason).tolist():
+        i = int(rows[row])
+        items[i] = rejection(source, first + i, _REASONS[reason[row]], block[starts[i] : ends[i]].rstrip(b"\r"))
+    kept = reason == 0
+    if kept.any():
+        items[int(rows[np.argmax(kept)])] = records.filter(pa.array(kept))
+
+
+def _lines(stream: IO[bytes], first: int, bom: bool = True) -> Iterator[tuple[int, bytes]]:
     for number, raw in enumerate(iter(stream.readline, b""), first):
-        yield number, (raw.removeprefix(BOM) if number == 1 else raw).rstrip(b"\r\n")
+        yield number, (raw.removeprefix(BOM) if number == 1 and bom else raw).rstrip(b"\r\n")
 
 
-def _line_blocks(stream: IO[bytes], size: int) -> Iterator[bytes]:
-    """The stream in blocks of about ``size`` bytes that end at a line break (or the end of the file).
+def _line_blocks(stream: IO[bytes], size: int, start: bool = True) -> Iterator[bytes]:
+    """The stream in blocks of about ``size`` bytes that end at a line break (or the end of the file);
+    ``start``: the stream starts the file, so a byte-order mark there is skipped.
 
     A decompressor's ``EOFError`` (a stream cut short) comes after the block of the whole lines read
     before it, as a line-by-line read would have yielded them.
@@ -401,7 +507,7 @@ def _line_blocks(stream: IO[bytes], size: int) -> Iterator[bytes]:
     read = getattr(stream, "read1", stream.read)  # read1: one decompressor call, nothing lost if it raises
     chunks: list[bytes] = []
     held = 0
-    first, lone_bom = True, False
+    first, lone_bom = start, False
     while True:
         try:
             chunk = read(size)
@@ -492,17 +598,9 @@ _REASONS = ("", "missing_query", "bad_count", "missing_user", "missing_label", "
 
 
 def _checked(source, block, starts, ends, a, first, table, fields, items) -> None:
-    """Items of lines ``a``... from the rows Arrow read for them: the contract's checks, column-wise.
-
-    The rows it keeps become one table at the first of their lines, those it refuses rejections.
-    """
+    """Items of lines ``a``... from the rows Arrow read for them: the contract's checks, column-wise."""
     records, reason = _contract(table, fields, first + a, source)
-    for row in np.flatnonzero(reason).tolist():
-        i = a + row
-        items[i] = rejection(source, first + i, _REASONS[reason[row]], block[starts[i] : ends[i]].rstrip(b"\r"))
-    kept = reason == 0
-    if kept.any():
-        items[a + int(np.argmax(kept))] = records.filter(pa.array(kept))
+    _place(source, block, starts, ends, np.arange(a, a + table.num_rows), first, records, reason, items)
 
 
 def _window(value: Any, fields: LogFields) -> int:
