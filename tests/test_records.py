@@ -511,3 +511,64 @@ def test_csv_blocks_classify_every_line_as_the_line_reader_does(header, lines, b
             assert list(parse_stream("f.csv", io.BytesIO(data), fields)) == _csv_line_by_line("f.csv", data, fields)
     finally:
         records.BLOCK = default
+
+
+STAMP = dt.datetime(2026, 11, 2, 8, 0)
+TIMES = {
+    pa.string(): st.sampled_from(["2026-11-02T08:00:00Z", " 2026-10-01 ", "nope", "2026-12-01T00:00:00+00:00"]),
+    pa.timestamp("us"): st.sampled_from([STAMP, dt.datetime(2026, 10, 1), dt.datetime(2026, 12, 1)]),
+    pa.timestamp("ms", tz="UTC"): st.sampled_from(
+        [STAMP.replace(tzinfo=dt.UTC), dt.datetime(2030, 1, 1, tzinfo=dt.UTC)]
+    ),
+    pa.int64(): st.sampled_from([1793527200, 1759276800, 10**12, -(10**15)]),
+    pa.float64(): st.sampled_from([1793527200.5, float("nan"), float("inf"), 1e300]),
+}
+LABELS = {
+    pa.string(): st.sampled_from(["sports", " news ", "", "  ", "\u3000"]),
+    pa.int64(): st.integers(-2, 2),
+    pa.bool_(): st.booleans(),
+}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data(), st.sampled_from(list(TIMES)), st.sampled_from(list(LABELS)))
+def test_parquet_time_and_label_columns_are_checked_as_rows_are(data, time_type, label_type):
+    row = st.fixed_dictionaries(
+        {
+            "q": st.sampled_from(["Rome", "a b", None]),
+            "t": st.none() | TIMES[time_type],
+            "l": st.none() | LABELS[label_type],
+        }
+    )
+    rows = data.draw(st.lists(row, max_size=30))
+    schema = pa.schema([("q", pa.string()), ("t", time_type), ("l", label_type)])
+    since, until = data.draw(st.sampled_from([(WINDOW.since, WINDOW.until), (WINDOW.since, None), (None, None)]))
+    _parquet_against_rows(rows, schema, LogFields(query="q", time="t", label="l", since=since, until=until))
+
+
+def _parquet_against_rows(rows: list[dict], schema: pa.Schema, fields: LogFields) -> None:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema), buf)
+    got = list(parse_stream("x.parquet", io.BytesIO(buf.getvalue()), fields))
+    want = []
+    for line, row in enumerate(pq.read_table(io.BytesIO(buf.getvalue())).to_pylist(), 1):
+        try:
+            values = records._record(row, fields, utf8=True)
+        except records._Reject as rej:
+            want.append((line, rej.reason))
+            continue
+        want.append((*values[:3], "x.parquet", line, *values[3:]))
+    assert [(r["line"], r["reason"]) if type(r) is dict else r for r in got] == want
+
+
+@pytest.mark.parametrize("time_type", [pa.timestamp("s"), pa.timestamp("us"), pa.timestamp("ms", tz="UTC")])
+def test_parquet_timestamps_at_the_window_bounds_are_judged_as_rows_are(time_type):
+    second = dt.timedelta(seconds=1)
+    naive = [WINDOW.since - second, WINDOW.since, WINDOW.until - second, WINDOW.until, None]
+    times = [t if t is None or time_type.tz else t.replace(tzinfo=None) for t in naive]
+    schema = pa.schema([("q", pa.string()), ("t", time_type)])
+    _parquet_against_rows(
+        [{"q": "a", "t": t} for t in times],
+        schema,
+        LogFields(query="q", time="t", since=WINDOW.since, until=WINDOW.until),
+    )

@@ -138,18 +138,22 @@ def _record(row: dict, fields: LogFields, utf8: bool = False) -> tuple:
         if not utf8 and not _encodable(user):
             raise _Reject("invalid_unicode")
     if fields.time:
-        try:
-            stamp = parse_time(row.get(fields.time))
-        except (ValueError, TypeError, OverflowError, OSError):
-            raise _Reject("bad_timestamp") from None
-        if (fields.since and stamp < fields.since) or (fields.until and stamp >= fields.until):
-            raise _Reject("outside_time_window")
+        code = _window(row.get(fields.time), fields)
+        if code:
+            raise _Reject(_REASONS[code])
     if fields.label:
-        label = row.get(fields.label)
-        if label is None or isinstance(label, bool | dict | list) or str(label).strip() == "":
+        label = _clean_label(row.get(fields.label))
+        if label is None:
             raise _Reject("missing_label")
-        return query, weight, user, str(label).strip()
+        return query, weight, user, label
     return query, weight, user
+
+
+def _clean_label(label: Any) -> str | None:
+    """A record's class as text, stripped; None for a missing, empty or structured one."""
+    if label is None or isinstance(label, bool | dict | list):
+        return None
+    return str(label).strip() or None
 
 
 def _encodable(text: str) -> bool:
@@ -439,6 +443,8 @@ def _csv_block(source, block, first, fields, header, delimiter, options) -> tupl
         & (per_line(data == 13) == trail)  # no other CR
         & (per_line((data > 32) & (data < 127)) > 0)  # a visible ASCII character: not a blank line
     )
+    for i in np.flatnonzero(data[starts] == 0xEF):  # pyarrow.csv would drop a byte-order mark, csv keeps it
+        plain[i] &= not block.startswith(BOM, int(starts[i]))
     try:
         block.decode("utf-8")
     except UnicodeDecodeError:
@@ -612,6 +618,29 @@ def _window(value: Any, fields: LogFields) -> int:
     return 6 if (fields.since and stamp < fields.since) or (fields.until and stamp >= fields.until) else 0
 
 
+_DATETIMES = (dt.datetime(1, 1, 2, tzinfo=dt.UTC), dt.datetime(9999, 12, 30, tzinfo=dt.UTC))  # Python's range
+
+
+def _windows(times: pa.ChunkedArray, fields: LogFields) -> np.ndarray:
+    """:func:`_window` of each time: timestamps (naive ones are UTC) compared by Arrow, other values
+    (text, numbers) each distinct one by the line reader's ``parse_time``."""
+    import pyarrow.compute as pc
+
+    if pa.types.is_timestamp(times.type):
+        stamps = times.cast(pa.timestamp("us", "UTC"))  # lossless from s or ms; naive wall time taken as UTC
+        low, high = pc.min_max(stamps).values()
+        if low.is_valid and _DATETIMES[0] <= low.as_py() and high.as_py() <= _DATETIMES[1]:
+            outside = np.zeros(len(stamps), bool)
+            for bound, compare in ((fields.since, pc.less), (fields.until, pc.greater_equal)):
+                if bound:
+                    beyond = compare(stamps, pa.scalar(bound, pa.timestamp("us", "UTC")))
+                    outside |= pc.fill_null(beyond, False).to_numpy(zero_copy_only=False)
+            return np.where(stamps.is_null().to_numpy(zero_copy_only=False), 5, np.where(outside, 6, 0)).astype(np.int8)
+    encoded = pc.dictionary_encode(times).combine_chunks()
+    codes = np.array([_window(value, fields) for value in [None, *encoded.dictionary.to_pylist()]], np.int8)
+    return codes[pc.fill_null(pc.add(encoded.indices, 1), 0).to_numpy(zero_copy_only=False)]  # null: None
+
+
 def _contract(table: pa.Table, fields: LogFields, first: int, source: str):
     """The rows of ``table`` (a column per named field, of the types the contract takes whole) as a
     table of records from line ``first`` on, and each row's reason code (0: a record; ``_REASONS``)."""
@@ -636,16 +665,13 @@ def _contract(table: pa.Table, fields: LogFields, first: int, source: str):
             missing[row] = u is None or not u or u.isspace()
         reason[(reason == 0) & missing] = 3
     columns = [query, weight, user, pa.array(np.arange(first, first + n, dtype=np.int64))]
-    if fields.time:  # ISO 8601 text (a number went to the line reader), each distinct one by parse_time
-        encoded = pc.dictionary_encode(table.column(fields.time)).combine_chunks()
-        codes = np.array([_window(value, fields) for value in [None, *encoded.dictionary.to_pylist()]], np.int8)
-        window = codes[pc.fill_null(pc.add(encoded.indices, 1), 0).to_numpy(zero_copy_only=False)]  # null: None
+    if fields.time:
+        window = _windows(table.column(fields.time), fields)
         reason[reason == 0] = window[reason == 0]
-    if fields.label:  # text (a label of another type went to the line reader), stripped as str.strip does
+    if fields.label:  # each distinct label by _clean_label
         encoded = pc.dictionary_encode(table.column(fields.label)).combine_chunks()
-        stripped = pa.array([label.strip() for label in encoded.dictionary.to_pylist()], pa.string())
-        label = pc.take(stripped, encoded.indices)
-        reason[(reason == 0) & pc.fill_null(pc.equal(label, ""), True).to_numpy(zero_copy_only=False)] = 4
+        label = pc.take(pa.array(map(_clean_label, encoded.dictionary.to_pylist()), pa.string()), encoded.indices)
+        reason[(reason == 0) & label.is_null().to_numpy(zero_copy_only=False)] = 4
         columns.append(label)
     names = [*_COLUMNS, "label"] if fields.label else list(_COLUMNS)
     return pa.table(columns, names=names, metadata={"source": source}), reason
@@ -690,8 +716,9 @@ def _csv_row(text: str, header: list[str], delimiter: str) -> dict:
 
 
 def _parse_parquet(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict | pa.Table]:
-    """Batches of the named columns checked column-wise where their types are the contract's (a string
-    query, an integer count, a string user, no time or label field), else row by row. A rejected row's
+    """Batches of the named columns checked column-wise where their types allow it (a string query, an
+    integer count, a string user, a time as text, number or timestamp of at most microseconds, a label
+    as text, integer or boolean), else row by row. A rejected row's
     excerpt is the row as a dict: of the named columns only when they are read alone."""
     import pyarrow.parquet as pq
 
@@ -722,13 +749,20 @@ def _parse_parquet(source: str, stream: IO[bytes], fields: LogFields) -> Iterato
 
 def _columnar(schema: pa.Schema, fields: LogFields) -> list[str] | None:
     """The columns to read when every named field is one column of a type checked column-wise, else None."""
-    names = [name for name in (fields.query, fields.count, fields.user) if name]
-    if fields.time or fields.label or len(set(names)) < len(names):
+    names = [name for name in (fields.query, fields.count, fields.user, fields.time, fields.label) if name]
+    if len(set(names)) < len(names):
         return None
     if any(len(schema.get_all_field_indices(name)) != 1 for name in names):
         return None
     text = (pa.types.is_string, pa.types.is_large_string)
+    stamps = (
+        *text,
+        pa.types.is_integer,
+        pa.types.is_floating,
+        lambda kind: pa.types.is_timestamp(kind) and kind.unit != "ns",
+    )
     kinds = {fields.query: text, fields.count: (pa.types.is_integer,), fields.user: text}
+    kinds |= {fields.time: stamps, fields.label: (*text, pa.types.is_integer, pa.types.is_boolean)}
     if all(any(test(schema.field(name).type) for test in kinds[name]) for name in names):
         return names
     return None
