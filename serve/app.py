@@ -241,7 +241,7 @@ def create_app(
     """The ASGI application serving ``service``; its shutdown closes the service.
 
     ``served_name`` is the model name the OpenAI routes list and echo (any requested name is accepted);
-    ``metrics`` what ``/metrics`` answers (one of its own unless given: see ``serve.worker``).
+    ``metrics`` what ``/metrics`` answers (one of its own unless given: ``--workers`` gives each worker's).
     """
     in_flight = 0  # requests being answered; read and written on the event loop only
     metrics = metrics or Metrics()

@@ -122,7 +122,7 @@ def normalize_column(queries: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pc.take(folded, encoded.indices)
 
 
-def fold_printable(values):
+def fold_printable(values: pa.Array) -> pa.Array:
     """:func:`normalize` of each printable-ASCII string of an Arrow array, by Arrow compute: lower case,
     runs of spaces collapsed, trimmed (``" "`` is their only whitespace). Other strings come out
     folded as if they were ASCII, which is not their key: replace them."""

@@ -25,6 +25,7 @@ from typing import IO, Any
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 FORMATS = ("text", "jsonl", "csv", "tsv", "parquet")
 _EXTENSIONS = {
@@ -268,17 +269,7 @@ def _parse(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record
     if fmt in ("csv", "tsv"):
         yield from _parse_csv_blocks(source, stream, fields, "\t" if fmt == "tsv" else ",")
         return
-    header: list[str] | None = None
-    number = 0
-    for raw in iter(stream.readline, b""):
-        raw = raw.rstrip(b"\r\n")
-        if number == 0 and header is None:
-            raw = raw.removeprefix(BOM)
-        if fmt in ("csv", "tsv") and header is None:
-            header = _cells(raw.decode("utf-8", "replace"), "\t" if fmt == "tsv" else ",") or []
-            continue
-        number += 1
-        yield _parse_line(source, number, raw, fmt, fields, header)
+    yield from (_parse_line(source, i, raw, fmt, fields, None) for i, raw in _lines(stream, 1))  # text with labels
 
 
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, skipped at the start of a file
@@ -320,6 +311,11 @@ _DEEP = 512  # brackets on a line that may nest beyond what orjson reads: the li
 _ARROW_ROW = re.compile(r" in row (\d+)")
 
 
+def _named(fields: LogFields) -> list[str]:
+    """The fields a read takes from each record, in the contract's order."""
+    return [name for name in (fields.query, fields.count, fields.user, fields.time, fields.label) if name]
+
+
 def _parse_jsonl_blocks(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict | pa.Table]:
     """JSONL read in blocks of whole lines by ``pyarrow.json`` with a schema of the named fields only.
 
@@ -333,7 +329,7 @@ def _parse_jsonl_blocks(source: str, stream: IO[bytes], fields: LogFields) -> It
     """
     import pyarrow.json as pj
 
-    names = [name for name in (fields.query, fields.count, fields.user, fields.time, fields.label) if name]
+    names = _named(fields)
     types = dict.fromkeys((fields.time, fields.label, fields.user), pa.string())  # epoch numbers: line reader
     types |= {fields.query: pa.string(), fields.count: pa.int64()}
     if len(set(names)) < len(names):  # one field in two roles: the line-by-line read decides
@@ -405,7 +401,7 @@ def _parse_csv_blocks(source: str, stream: IO[bytes], fields: LogFields, delimit
     if not first:
         return
     header = _cells(first.rstrip(b"\r\n").removeprefix(BOM).decode("utf-8", "replace"), delimiter) or []
-    names = [name for name in (fields.query, fields.count, fields.user, fields.time, fields.label) if name]
+    names = _named(fields)
     if len(header) < 2 or len(set(header)) < len(header) or not set(names) <= set(header):
         yield from (_parse_line(source, i, raw, fmt, fields, header) for i, raw in _lines(stream, 1, bom=False))
         return
@@ -427,11 +423,7 @@ def _csv_block(source, block, first, fields, header, delimiter, options) -> tupl
     """The items of the lines of a CSV/TSV ``block`` (line ``first`` onwards) and their number."""
     import pyarrow.csv as pcsv
 
-    data = np.frombuffer(block, np.uint8)
-    ends = np.flatnonzero(data == 10)
-    if not block.endswith(b"\n"):
-        ends = np.append(ends, len(block))
-    starts = np.concatenate(([0], ends[:-1] + 1))
+    data, starts, ends = _line_bounds(block)
 
     def per_line(mask: np.ndarray) -> np.ndarray:
         return np.add.reduceat(mask.astype(np.int64), starts)
@@ -468,8 +460,6 @@ def _typed_counts(table: pa.Table, fields: LogFields) -> pa.Table:
     plain digits by Arrow, the rest (spaces, other digits, signs) by ``_weight`` per distinct value."""
     if not fields.count:
         return table
-    import pyarrow.compute as pc
-
     text = table.column(fields.count).combine_chunks()
     plain = pc.match_substring_regex(text, "^[0-9]{1,18}$")
     counts = pc.if_else(plain, text, pa.scalar(None, pa.string())).cast(pa.int64())
@@ -540,17 +530,22 @@ def _line_blocks(stream: IO[bytes], size: int, start: bool = True) -> Iterator[b
             chunks, held = ([pending[cut:]] if cut < len(pending) else []), len(pending) - cut
 
 
+def _line_bounds(block: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A block's bytes, and where each of its lines starts and ends (its line break, or the block's end)."""
+    data = np.frombuffer(block, np.uint8)
+    ends = np.flatnonzero(data == 10)
+    if not block.endswith(b"\n"):
+        ends = np.append(ends, len(block))
+    return data, np.concatenate(([0], ends[:-1] + 1)), ends
+
+
 def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read: Callable) -> tuple[list, int]:
     """The items of the lines of ``block`` (line ``first`` onwards), and their number of lines.
 
     Items are records and rejections of the lines read one by one, and a table of the records Arrow
     read; each is placed at its first line, so a sort by line keeps line order between them.
     """
-    data = np.frombuffer(block, np.uint8)
-    ends = np.flatnonzero(data == 10)  # the line breaks
-    if not block.endswith(b"\n"):
-        ends = np.append(ends, len(block))
-    starts = np.concatenate(([0], ends[:-1] + 1))
+    data, starts, ends = _line_bounds(block)
     brackets = np.add.reduceat(((data == 91) | (data == 123)).astype(np.int64), starts)
     last = np.maximum(ends - 1, 0)
     last = np.maximum(last - (data[last] == 13), 0)  # before a "\r"
@@ -624,8 +619,6 @@ _DATETIMES = (dt.datetime(1, 1, 2, tzinfo=dt.UTC), dt.datetime(9999, 12, 30, tzi
 def _windows(times: pa.ChunkedArray, fields: LogFields) -> np.ndarray:
     """:func:`_window` of each time: timestamps (naive ones are UTC) compared by Arrow, other values
     (text, numbers) each distinct one by the line reader's ``parse_time``."""
-    import pyarrow.compute as pc
-
     if pa.types.is_timestamp(times.type):
         stamps = times.cast(pa.timestamp("us", "UTC"))  # lossless from s or ms; naive wall time taken as UTC
         low, high = pc.min_max(stamps).values()
@@ -644,8 +637,6 @@ def _windows(times: pa.ChunkedArray, fields: LogFields) -> np.ndarray:
 def _contract(table: pa.Table, fields: LogFields, first: int, source: str):
     """The rows of ``table`` (a column per named field, of the types the contract takes whole) as a
     table of records from line ``first`` on, and each row's reason code (0: a record; ``_REASONS``)."""
-    import pyarrow.compute as pc
-
     n = table.num_rows
     query = table.column(fields.query).cast(pa.string())
     reason = query.is_null().to_numpy(zero_copy_only=False).astype(np.int8)  # 1: missing_query
@@ -749,7 +740,7 @@ def _parse_parquet(source: str, stream: IO[bytes], fields: LogFields) -> Iterato
 
 def _columnar(schema: pa.Schema, fields: LogFields) -> list[str] | None:
     """The columns to read when every named field is one column of a type checked column-wise, else None."""
-    names = [name for name in (fields.query, fields.count, fields.user, fields.time, fields.label) if name]
+    names = _named(fields)
     if len(set(names)) < len(names):
         return None
     if any(len(schema.get_all_field_indices(name)) != 1 for name in names):

@@ -25,6 +25,7 @@ from querycache.transforms.count import count_rows
 from querycache.transforms.privacy import pii_reason
 from querycache.transforms.progress import tick
 from querycache.transforms.selection import Selection, plan_head
+from querycache.transforms.stats import sum_dicts
 
 DROPPED, TIED = "dropped", "tied"
 log = logging.getLogger(__name__)
@@ -135,26 +136,6 @@ def _split(counts: pa.Table, plan: dict):
         yield from (beam.pvalue.TaggedOutput(TIED, (quota, row)) for row in count_rows(tied))
 
 
-class _SumCounts(beam.CombineFn):
-    """``{value: n}`` dicts summed."""
-
-    def create_accumulator(self) -> Counter:
-        return Counter()
-
-    def add_input(self, acc: Counter, element: dict) -> Counter:
-        acc.update(element)
-        return acc
-
-    def merge_accumulators(self, accs) -> Counter:
-        total = Counter()
-        for acc in accs:
-            total.update(acc)
-        return total
-
-    def extract_output(self, acc: Counter) -> dict:
-        return dict(acc)
-
-
 def _histogram(counts: pa.Table) -> dict[int, int]:
     """``{count: queries with it}`` of a table."""
     pairs = pc.value_counts(counts.column("count"))
@@ -200,7 +181,7 @@ class SelectHead(beam.PTransform):
         plan = (
             eligible
             | "Counts" >> beam.Map(_histogram)
-            | "Histogram" >> beam.CombineGlobally(_SumCounts())
+            | "Histogram" >> beam.CombineGlobally(sum_dicts)
             | "Plan" >> beam.Map(_plan_and_report, total_traffic=AsSingleton(total), selection=self.selection)
         )
         split = eligible | "Threshold" >> beam.FlatMap(_split, plan=AsSingleton(plan)).with_outputs(TIED, main="above")
