@@ -92,7 +92,8 @@ class LabelHead(beam.PTransform):
 def prepare_pipeline(p: beam.Pipeline, options: FinetuneOptions, data_dir: str) -> None:
     """The input half of the build's data path, writing examples and statistics into ``data_dir``."""
     labelled = options.fields.label is not None
-    records, unreadable, lines = p | "ReadQueryLogs" >> ReadQueryLogs(list(options.logs), options.fields)
+    records, unreadable, parts = p | "ReadQueryLogs" >> ReadQueryLogs(list(options.logs), options.fields)
+    lines = parts | "LinesRead" >> beam.MapTuple(lambda source, start, lines: lines)
     keys, invalid = records | "NormalizeQueries" >> NormalizeQueries(options.max_query_chars)
     users = options.fields.user is not None
     counts = keys | "CountQueries" >> CountQueries(users)

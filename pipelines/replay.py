@@ -94,7 +94,8 @@ def replay_pipeline(p: beam.Pipeline, options: ReplayOptions, plan: Plan, out: s
     build = plan.snapshot.manifest.get("build", {})
     model = plan.snapshot.manifest["model"]
     template = model.get("template") if plan.snapshot.manifest["task"] == "fill-mask" else None
-    records, unreadable, lines = p | "ReadQueryLogs" >> ReadQueryLogs(list(options.logs), options.fields)
+    records, unreadable, parts = p | "ReadQueryLogs" >> ReadQueryLogs(list(options.logs), options.fields)
+    lines = parts | "LinesRead" >> beam.MapTuple(lambda source, start, lines: lines)
     keys, invalid = records | "NormalizeQueries" >> NormalizeQueries(build.get("max_query_chars", 512), template)
     counts = keys | "CountQueries" >> CountQueries(users=options.fields.user is not None)
     stored = p | "ReadSnapshotKeys" >> ReadSnapshotKeys(plan.snapshot.parquet)

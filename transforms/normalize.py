@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from querycache.inference.template import has_mask
 from querycache.store.keys import fold_printable, is_query, normalize
-from querycache.transforms.records import rejection, source_of
+from querycache.transforms.records import part_of, rejection, source_of
 
 REJECTED = "rejected"
 _MEMO = 1 << 17  # distinct queries outside printable ASCII a worker remembers: logs repeat their head
@@ -90,7 +90,7 @@ class _Normalize(beam.DoFn):
         keys, reasons = check_column(records.column("query"), self.max_chars, self.template, self._checked)
         refused = reasons.is_valid()
         if pc.any(refused).as_py():
-            source = source_of(records)
+            source, part = source_of(records), part_of(records)
             dropped = records.filter(refused)
             for line, reason, query in zip(
                 dropped.column("line").to_pylist(),
@@ -99,7 +99,8 @@ class _Normalize(beam.DoFn):
             ):
                 name, _, error = reason.partition(": ")
                 excerpt = f"{error}: {query[:200]!r}" if error else query
-                yield beam.pvalue.TaggedOutput(REJECTED, rejection(source, line, name, excerpt))
+                letter = rejection(source, line, name, excerpt)
+                yield beam.pvalue.TaggedOutput(REJECTED, letter | {"part": part} if part else letter)
             kept = pc.invert(refused)
             records, keys = records.filter(kept), keys.filter(kept)
         if records.num_rows:

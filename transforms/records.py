@@ -178,10 +178,16 @@ def rejection(source: str, line: int, reason: str, excerpt: Any) -> dict:
     return {"source": printable_path(source), "line": line, "reason": reason, "excerpt": excerpt}
 
 
-def parse_tables(source: str, stream: IO[bytes], fields: LogFields, batch: int = 4096) -> Iterator[pa.Table | dict]:
+def parse_tables(
+    source: str, stream: IO[bytes], fields: LogFields, batch: int = 4096, header: bytes | None = None
+) -> Iterator[pa.Table | dict]:
     """Tables of records (up to ``batch`` rows from a line-by-line read; a block's or a batch's from the
     column-wise readers of JSONL, text and Parquet) and
     rejections of one file; the lines of a table and the rejections before it come in line order.
+
+    ``header`` says that ``stream`` is a later part of its file (whole lines from further on, see
+    :func:`splittable`): it is the file's first line (a CSV/TSV header; ``b""`` for other formats), and
+    the lines are numbered from 1 at the part's start.
 
     Nothing in a file stops the parse: a record that cannot be processed is a dead letter, and a
     file that cannot be read on ends with one dead letter: ``truncated_file`` for a compressed
@@ -191,7 +197,7 @@ def parse_tables(source: str, stream: IO[bytes], fields: LogFields, batch: int =
     number = 0
     pending: list = []
     try:
-        for item in _parse(source, stream, fields):
+        for item in _parse(source, stream, fields, header):
             if type(item) is tuple:
                 number += 1
                 pending.append(item)
@@ -255,21 +261,34 @@ def source_of(table: pa.Table) -> str:
     return table.schema.metadata[b"source"].decode()
 
 
-def _parse(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict]:
-    fmt = format_of(source, fields.format)
+def part_of(table: pa.Table) -> int:
+    """Where in its file the part a table of records was read from starts (0: the file's start); its
+    ``line`` column counts from that part's start, and so do the line numbers of its dead letters."""
+    return int(table.schema.metadata.get(b"part", 0))
+
+
+def splittable(path: str, requested: str = "auto") -> bool:
+    """Whether parts of the file ``path`` can be read apart: its records are lines (not Parquet) and its
+    bytes are not compressed. A part holds the lines that start in its byte range."""
+    name = path.lower()
+    return format_of(path, requested) != "parquet" and not any(name.endswith(suffix) for suffix in _COMPRESSED)
+
+
+def _parse(source: str, stream: IO[bytes], fields: LogFields, header: bytes | None) -> Iterator[Record | dict]:
+    fmt, start = format_of(source, fields.format), header is None  # start: the stream starts the file
     if fmt == "parquet":
         yield from _parse_parquet(source, stream, fields)
         return
     if fmt == "jsonl":
-        yield from _parse_jsonl_blocks(source, stream, fields)
+        yield from _parse_jsonl_blocks(source, stream, fields, start)
         return
     if fmt == "text" and not fields.label:
-        yield from _parse_text_blocks(source, stream, fields)
+        yield from _parse_text_blocks(source, stream, fields, start)
         return
     if fmt in ("csv", "tsv"):
-        yield from _parse_csv_blocks(source, stream, fields, "\t" if fmt == "tsv" else ",")
+        yield from _parse_csv_blocks(source, stream, fields, "\t" if fmt == "tsv" else ",", header)
         return
-    yield from (_parse_line(source, i, raw, fmt, fields, None) for i, raw in _lines(stream, 1))  # text with labels
+    yield from (_parse_line(source, i, raw, fmt, fields, None) for i, raw in _lines(stream, 1, start))  # labelled text
 
 
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, skipped at the start of a file
@@ -316,7 +335,9 @@ def _named(fields: LogFields) -> list[str]:
     return [name for name in (fields.query, fields.count, fields.user, fields.time, fields.label) if name]
 
 
-def _parse_jsonl_blocks(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict | pa.Table]:
+def _parse_jsonl_blocks(
+    source: str, stream: IO[bytes], fields: LogFields, start: bool = True
+) -> Iterator[Record | dict | pa.Table]:
     """JSONL read in blocks of whole lines by ``pyarrow.json`` with a schema of the named fields only.
 
     Arrow is given only ranges of lines that each start with ``{``, hold valid UTF-8 and fewer than
@@ -333,7 +354,7 @@ def _parse_jsonl_blocks(source: str, stream: IO[bytes], fields: LogFields) -> It
     types = dict.fromkeys((fields.time, fields.label, fields.user), pa.string())  # epoch numbers: line reader
     types |= {fields.query: pa.string(), fields.count: pa.int64()}
     if len(set(names)) < len(names):  # one field in two roles: the line-by-line read decides
-        yield from (_parse_line(source, i, raw, "jsonl", fields, None) for i, raw in _lines(stream, 1))
+        yield from (_parse_line(source, i, raw, "jsonl", fields, None) for i, raw in _lines(stream, 1, start))
         return
     schema = pa.schema([(name, types[name]) for name in names])
     options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
@@ -343,7 +364,7 @@ def _parse_jsonl_blocks(source: str, stream: IO[bytes], fields: LogFields) -> It
         return pj.read_json(io.BytesIO(chunk), read_options=block, parse_options=options)
 
     yield from _one_ahead(
-        _line_blocks(stream, BLOCK), lambda block, first: _jsonl_block(source, block, first, fields, read)
+        _line_blocks(stream, BLOCK, start), lambda block, first: _jsonl_block(source, block, first, fields, read)
     )
 
 
@@ -369,11 +390,13 @@ def _one_ahead(blocks: Iterator[bytes], work: Callable[[bytes, int], tuple[list,
             yield from pending.result()[0]
 
 
-def _parse_text_blocks(source: str, stream: IO[bytes], fields: LogFields) -> Iterator[Record | dict | pa.Table]:
+def _parse_text_blocks(
+    source: str, stream: IO[bytes], fields: LogFields, start: bool = True
+) -> Iterator[Record | dict | pa.Table]:
     """Plain text in blocks of whole lines, each line a query of weight 1, one table per block; a block
     that is not all UTF-8 is read line by line (its bad lines are ``invalid_utf8``)."""
     number = 0
-    for block in _line_blocks(stream, BLOCK):
+    for block in _line_blocks(stream, BLOCK, start):
         lines = block.split(b"\n")
         if block.endswith(b"\n"):
             lines.pop()
@@ -390,14 +413,17 @@ def _parse_text_blocks(source: str, stream: IO[bytes], fields: LogFields) -> Ite
         number += len(lines)
 
 
-def _parse_csv_blocks(source: str, stream: IO[bytes], fields: LogFields, delimiter: str) -> Iterator:
+def _parse_csv_blocks(
+    source: str, stream: IO[bytes], fields: LogFields, delimiter: str, header_line: bytes | None = None
+) -> Iterator:
     """CSV or TSV: the header line, then blocks of lines. The plain lines of a block (as many
     delimiters as the header, no quote, carriage return or NUL) are read by ``pyarrow.csv`` with quoting
     off, which splits them as Python's ``csv`` does, and checked column-wise; every other line (and every
     line of a file whose header lacks a named field, names one twice or has one column) by
-    :func:`_parse_line`. Each line gives one record (in a table) or one rejection."""
+    :func:`_parse_line`. Each line gives one record (in a table) or one rejection. A later part of a
+    file comes with its file's ``header_line``."""
     fmt = "tsv" if delimiter == "\t" else "csv"
-    first = stream.readline()
+    first = stream.readline() if header_line is None else header_line
     if not first:
         return
     header = _cells(first.rstrip(b"\r\n").removeprefix(BOM).decode("utf-8", "replace"), delimiter) or []
@@ -507,6 +533,9 @@ def _line_blocks(stream: IO[bytes], size: int, start: bool = True) -> Iterator[b
     while True:
         try:
             chunk = read(size)
+            while first and chunk and len(chunk) < len(BOM) and BOM.startswith(chunk):  # a short read: whole mark
+                more = read(size)
+                chunk, first = chunk + more, bool(more)
         except EOFError:
             pending = b"".join(chunks)
             if b"\n" in pending:
