@@ -1,8 +1,9 @@
-"""GatherStats: many small reductions -> one dict of build statistics, in one combine."""
+"""GatherStats: many small reductions -> one dict of build statistics."""
 
 from __future__ import annotations
 
 import apache_beam as beam
+from apache_beam.pvalue import AsSingleton
 
 
 def sum_dicts(dicts) -> dict:
@@ -23,41 +24,36 @@ COUNT, ITEMS, SUM, BY_VALUE, MERGE = "count", "items", "sum", "by_value", "merge
 
 
 class _Reduce(beam.CombineFn):
-    """``(name, element)`` pairs -> ``{name: statistic}``, each name reduced as ``how[name]`` says."""
+    """Elements -> one statistic, as ``how`` says: a count, a count of the items in batched elements,
+    a sum, a ``{value: count}`` dict, or a merge of dicts by summing."""
 
-    def __init__(self, how: dict[str, str]):
+    def __init__(self, how: str):
         self.how = how
 
-    def create_accumulator(self) -> dict:
-        return {name: {} if how in (BY_VALUE, MERGE) else 0 for name, how in self.how.items()}
+    def create_accumulator(self) -> dict | int:
+        return {} if self.how in (BY_VALUE, MERGE) else 0
 
-    def add_input(self, acc: dict, tagged) -> dict:
-        name, value = tagged
-        how = self.how[name]
+    def add_input(self, acc, value):
+        how = self.how
         if how == COUNT:
-            acc[name] += 1
-        elif how == ITEMS:
-            acc[name] += len(value)
-        elif how == SUM:
-            acc[name] += value
-        elif how == BY_VALUE:
-            acc[name][value] = acc[name].get(value, 0) + 1
-        else:
-            _add(acc[name], value)
-        return acc
+            return acc + 1
+        if how == ITEMS:
+            return acc + len(value)
+        if how == SUM:
+            return acc + value
+        if how == BY_VALUE:
+            acc[value] = acc.get(value, 0) + 1
+            return acc
+        return _add(acc, value)
 
-    def merge_accumulators(self, accs) -> dict:
+    def merge_accumulators(self, accs):
         accs = iter(accs)
         total = next(accs)
         for acc in accs:
-            for name, value in acc.items():
-                if isinstance(value, dict):
-                    _add(total[name], value)
-                else:
-                    total[name] += value
+            total = _add(total, acc) if isinstance(total, dict) else total + acc
         return total
 
-    def extract_output(self, acc: dict) -> dict:
+    def extract_output(self, acc):
         return acc
 
 
@@ -66,7 +62,10 @@ class GatherStats(beam.PTransform):
 
     Each named input is reduced to one value: a count of elements, a count of the items in
     batched elements, a sum, a {value: count} dict, or a merge of dicts by summing. Empty inputs
-    give 0 or {}. All of them go through one combine, lifted onto the workers.
+    give 0 or {}. Each is its own combine, lifted onto the workers that produce its elements, and the
+    statistics meet as side inputs: no element crosses a stage for a statistic (a Flatten of the
+    inputs would carry every element, tables and all, through the runner, and Beam's multi-process
+    runner loses part of such a Flatten).
     """
 
     def __init__(self, how: dict[str, str]):
@@ -74,5 +73,10 @@ class GatherStats(beam.PTransform):
         self.how = how
 
     def expand(self, named):
-        tagged = [pcoll | f"Tag {name}" >> beam.Map(lambda v, n=name: (n, v)) for name, pcoll in named.items()]
-        return tagged | "Parts" >> beam.Flatten() | "Reduce" >> beam.CombineGlobally(_Reduce(self.how))
+        names = list(named)
+        reduced = [named[name] | f"Reduce {name}" >> beam.CombineGlobally(_Reduce(self.how[name])) for name in names]
+        return (
+            named[names[0]].pipeline
+            | "Once" >> beam.Create([None])
+            | "Gather" >> beam.Map(lambda _, *values: dict(zip(names, values)), *map(AsSingleton, reduced))
+        )
