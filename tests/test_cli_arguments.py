@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from querycache.runners.common import stray_argument
@@ -54,3 +56,17 @@ def test_snapshot_commands_refuse_a_second_root(cli, tmp_path):
         result.output.strip() == f"Error: unexpected argument '{tmp_path / 'b'}': one root or snapshot per command; "
         "options for the filesystem go after --, as --name=value"
     )
+
+
+def test_worker_processes_of_this_machine_share_its_cores(monkeypatch):
+    from querycache.runners.presets import beam_args
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    beam_args("direct", [])
+    assert "OMP_NUM_THREADS" not in os.environ
+    beam_args("multiprocess", ["--direct_num_workers=4"])
+    assert os.environ["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting stays
+    beam_args("multiprocess", [])
+    assert os.environ["OMP_NUM_THREADS"] == "3"
