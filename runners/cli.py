@@ -128,7 +128,7 @@ def build(**kw: Any) -> None:
     from querycache.runners.presets import beam_args, in_process
 
     options = _build_options(kw, picked)
-    args = beam_args(kw["runner"], list(kw["beam_options"]))
+    args = beam_args(kw["runner"], list(kw["beam_options"]), kw["quiet"])
     try:
         with progress_display(kw["quiet"], live=in_process(args)):
             summary = run_build(options, args)

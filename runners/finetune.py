@@ -72,7 +72,9 @@ def finetune(**kw: Any) -> None:
 
     progress = ProgressBar() if sys.stderr.isatty() and not kw["quiet"] else None
     try:
-        report = run_finetune(_options(kw, picked), beam_args(kw["runner"], list(kw["beam_options"])), progress)
+        report = run_finetune(
+            _options(kw, picked), beam_args(kw["runner"], list(kw["beam_options"]), kw["quiet"]), progress
+        )
     except (BuildError, ModelError, TrainingError, CheckpointError) as err:
         raise UserError(str(err)) from None
     except OSError as err:

@@ -6,6 +6,7 @@ querycache build ... --runner dataflow -- --project=p --region=us-central1 --tem
 
 from __future__ import annotations
 
+import json
 import os
 
 PRESETS: dict[str, list[str]] = {
@@ -27,19 +28,26 @@ PRESETS: dict[str, list[str]] = {
 }
 
 
-def beam_args(runner: str, extra: list[str]) -> list[str]:
+def beam_args(runner: str, extra: list[str], quiet: bool = False) -> list[str]:
     """Pipeline options for a preset name (or any Beam runner name) plus extra options.
 
     Worker processes started on this machine share its cores: unless ``OMP_NUM_THREADS`` is set,
     it is set (for the workers, which inherit it) to the cores over the workers, so that each worker's
     torch does not run a thread per core against the others' (2 workers of 2 threads on 2 cores
-    inferred 10x slower than one).
+    inferred 10x slower than one). Their log says what querycache's own says (INFO, or WARNING when
+    ``quiet``), not each Beam harness's INFO lines; options given after ``--`` win.
     """
     args = [*PRESETS.get(runner.lower(), [f"--runner={runner}"]), *extra]
     options = _options(args)
     if options.get("direct_running_mode") == "multi_processing":
         workers = int(options.get("direct_num_workers", "1") or 1)
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(workers, 1))))
+        levels = {"querycache": "WARNING" if quiet else "INFO"}
+        worker_log = [
+            "--default_sdk_harness_log_level=WARNING",
+            f"--sdk_harness_log_level_overrides={json.dumps(levels)}",
+        ]
+        args = [*args[: len(args) - len(extra)], *worker_log, *extra]
     return args
 
 

@@ -59,7 +59,7 @@ def replay(**kw: Any) -> None:
         top_misses=kw["top_misses"],
     )
     try:
-        args = beam_args(kw["runner"], list(kw["beam_options"]))
+        args = beam_args(kw["runner"], list(kw["beam_options"]), kw["quiet"])
         with progress_display(kw["quiet"], live=in_process(args)):
             figures = run_replay(options, args)
     except (BuildError, SnapshotError) as err:
