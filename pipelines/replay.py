@@ -28,27 +28,28 @@ from apache_beam.pvalue import AsSingleton
 
 from querycache.pipelines.checks import BuildError, check_accepted, check_logs
 from querycache.pipelines.snapshot_files import SnapshotFiles, locate_snapshot
-from querycache.transforms.count import CountQueries, count_rows
+from querycache.transforms.count import CountQueries
 from querycache.transforms.normalize import NormalizeQueries
 from querycache.transforms.read_logs import ReadQueryLogs, Truncations
 from querycache.transforms.records import LogFields
 from querycache.transforms.replay import (
     TOPS,
-    Histogram,
     JoinSnapshot,
     MissedInTops,
     PlaceByRank,
     ReadSnapshotKeys,
     TopMisses,
+    candidate_rows,
+    table_totals,
     top_plans,
 )
-from querycache.transforms.select_head import ScreenPrivacy
+from querycache.transforms.select_head import ScreenPrivacy, histogram_of
 from querycache.transforms.selection import Selection, plan_head
-from querycache.transforms.stats import BY_VALUE, ITEMS, MERGE, SUM, GatherStats
+from querycache.transforms.stats import BY_VALUE, ITEMS, MERGE, SUM, GatherStats, sum_dicts
 
 STATISTICS = {
     "lines_read": SUM, "accepted": ITEMS, "rejected_by_reason": BY_VALUE, "totals": MERGE,
-    "dropped_for_privacy": BY_VALUE, "histogram": MERGE, "bucket_traffic": MERGE, "bucket_absent": MERGE,
+    "dropped_for_privacy": MERGE, "histogram": MERGE, "bucket_traffic": MERGE, "bucket_absent": MERGE,
     "missed_in_tops": BY_VALUE, "truncated_files": MERGE,
 }  # fmt: skip
 SNAPSHOT_TOP = 1000
@@ -99,27 +100,24 @@ def replay_pipeline(p: beam.Pipeline, options: ReplayOptions, plan: Plan, out: s
     keys, invalid = records | "NormalizeQueries" >> NormalizeQueries(build.get("max_query_chars", 512), template)
     counts = keys | "CountQueries" >> CountQueries(users=options.fields.user is not None)
     stored = p | "ReadSnapshotKeys" >> ReadSnapshotKeys(plan.snapshot.parquet)
-    rows = counts | "CountRows" >> beam.FlatMap(count_rows)
-    heldout, stored = (rows, stored) | "JoinSnapshot" >> JoinSnapshot()
+    heldout, stored = (counts, stored) | "JoinSnapshot" >> JoinSnapshot()
     placed = stored | "PlaceByRank" >> PlaceByRank(sorted({*plan.head_sizes, SNAPSHOT_TOP}))
     eligible, dropped = heldout | "ScreenPrivacy" >> ScreenPrivacy(plan.min_users, plan.scrub_pii)
-    histogram = eligible | "Histogram" >> Histogram(lambda row: row.count)
-    missed = (eligible, histogram) | "MissedInTops" >> MissedInTops()
-    misses = eligible | "TopMisses" >> TopMisses(options.top_misses)
+    histogram = eligible | "Counts" >> beam.Map(histogram_of) | "Histogram" >> beam.CombineGlobally(sum_dicts)
+    plans = histogram | "Plans" >> beam.Map(top_plans)
+    rows = eligible | "Candidates" >> beam.FlatMap(candidate_rows, AsSingleton(plans), options.top_misses)
+    missed = (rows, histogram) | "MissedInTops" >> MissedInTops()
+    misses = rows | "TopMisses" >> TopMisses(options.top_misses)
     stats = {
         "lines_read": lines, "accepted": keys, "dropped_for_privacy": dropped, "histogram": histogram,
         "rejected_by_reason": (unreadable, invalid) | "Rejected" >> beam.Flatten() | beam.Map(lambda r: r["reason"]),
-        "totals": heldout | "Totals" >> beam.Map(_totals),
+        "totals": heldout | "Totals" >> beam.Map(table_totals),
         "bucket_traffic": placed | "Traffic" >> beam.MapTuple(lambda bucket, count: {bucket: count}),
         "bucket_absent": placed | "Absent" >> beam.MapTuple(lambda bucket, count: {bucket: int(count == 0)}),
         "missed_in_tops": missed, "truncated_files": unreadable | "Truncations" >> Truncations(),
     } | "GatherStats" >> GatherStats(STATISTICS)  # fmt: skip
     _ = p | "Start" >> beam.Create([out]) | "WriteFigures" >> beam.Map(
         _write_figures, plan, stats=AsSingleton(stats), misses=AsSingleton(misses))  # fmt: skip
-
-
-def _totals(row) -> dict:
-    return {"traffic": row.count, "distinct_queries": 1, "hit_traffic": row.count * row.hit, "distinct_hits": row.hit}
 
 
 def _write_figures(out: str, plan: Plan, stats: dict, misses: list) -> None:

@@ -1,7 +1,7 @@
 """The composite transforms of a replay: a snapshot's keys joined with held-out counts, placed by rank.
 
     stored = p | ReadSnapshotKeys(["s3://b/qc/snapshots/<id>/parquet/part-00000-of-00001.parquet"])
-    heldout, placed = (counts, stored) | JoinSnapshot()
+    heldout, stored = (counts, stored) | JoinSnapshot()
     buckets = placed | PlaceByRank(boundaries=[1, 2, 3, 5, 10, 20000])
 
 Rows that cross modules are the NamedTuples below. A snapshot's rows are ordered as the build
@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.io.parquetio import ReadAllFromParquet
 from apache_beam.pvalue import AsSingleton
 
 from querycache.store.keys import key_bytes
+from querycache.transforms.count import COUNTS, PARTITIONS, partition_of
 from querycache.transforms.select_head import SmallestKeys
 from querycache.transforms.selection import Selection, plan_head
 
@@ -61,32 +65,78 @@ class ReadSnapshotKeys(beam.PTransform):
         )
 
 
-def _join(key: str, grouped: dict):
-    counts, ranks = list(grouped["heldout"]), list(grouped["stored"])
-    count, users = counts[0] if counts else (0, None)
-    if counts:
-        yield HeldOut(key, count, users, bool(ranks))
-    for rank in ranks:
-        yield beam.pvalue.TaggedOutput(STORED, Stored(key, rank, count))
+def _join(partition: int, grouped: dict):
+    """One partition's held-out counts (a table) and snapshot rows -> the counts with ``hit``, and Stored rows."""
+    tables, stored = list(grouped["heldout"]), list(grouped["stored"])
+    keys = pa.array([key for key, _ in stored], pa.string())
+    counts = pa.concat_tables(tables) if tables else pa.table({name: pa.array([], pa.int64()) for name in COUNTS})
+    if counts.num_rows:
+        yield counts.append_column("hit", pc.is_in(counts.column("key"), value_set=keys))
+    if stored:
+        found = pc.index_in(keys, value_set=counts.column("key").cast(pa.string()))
+        traffic = pc.fill_null(pc.take(counts.column("count"), found), 0).to_pylist()
+        for (key, rank), count in zip(stored, traffic):
+            yield beam.pvalue.TaggedOutput(STORED, Stored(key, rank, count))
+
+
+def _partition(counts: pa.Table, partitions: int) -> int:
+    """The partition of a table of CountQueries: every key of it is in its first key's."""
+    return partition_of(counts.column("key")[0].as_py(), partitions)
 
 
 class JoinSnapshot(beam.PTransform):
-    """``(counts, stored) | JoinSnapshot()`` -> ``(heldout, stored)``: HeldOut and Stored rows.
+    """``(counts, stored) | JoinSnapshot()`` -> ``(heldout, stored)``: tables and Stored rows.
 
-    ``counts`` holds ``(key, count, users)`` of the held-out logs; ``stored`` holds ``(key, rank)``.
+    ``counts`` holds the tables of :class:`~querycache.transforms.count.CountQueries` (one per
+    partition of the key space); ``stored`` holds ``(key, rank)``. They meet per partition, so no
+    worker sees all keys: ``heldout`` holds the counts tables with a ``hit`` column (the key is in
+    the snapshot), ``stored`` a Stored row per snapshot row (count 0 where the logs lack its key).
     """
+
+    def __init__(self, partitions: int = PARTITIONS):
+        super().__init__()
+        self.partitions = partitions
 
     def expand(self, pcolls):
         counts, stored = pcolls
+        partitions = self.partitions
         joined = (
             {
-                "heldout": counts | "ByKey" >> beam.Map(lambda row: (row[0], (row[1], row[2]))),
-                "stored": stored,
+                "heldout": counts | "ByPartition" >> beam.Map(lambda table: (_partition(table, partitions), table)),
+                "stored": stored | "StoredByPartition" >> beam.Map(lambda row: (partition_of(row[0], partitions), row)),
             }
             | "CoGroup" >> beam.CoGroupByKey()
             | "Join" >> beam.FlatMapTuple(_join).with_outputs(STORED, main="heldout")
         )
         return joined.heldout, joined[STORED]
+
+
+def table_totals(heldout: pa.Table) -> dict[str, int]:
+    """Traffic, queries, hit traffic and hits of a table of held-out counts with ``hit``."""
+    count, hit = heldout.column("count"), heldout.column("hit")
+    return {
+        "traffic": pc.sum(count).as_py() or 0,
+        "distinct_queries": heldout.num_rows,
+        "hit_traffic": pc.sum(pc.if_else(hit, count, 0)).as_py() or 0,
+        "distinct_hits": pc.sum(hit.cast(pa.int64())).as_py() or 0,
+    }
+
+
+def candidate_rows(eligible: pa.Table, plans: dict, misses: int) -> Iterator[HeldOut]:
+    """The rows of a table of eligible held-out counts (with ``hit``) that may count in a held-out top
+    (a count at least a top's threshold, see :func:`top_plans`) or be among the ``misses`` most frequent
+    misses (ties at the last kept): what :class:`MissedInTops` and :class:`TopMisses` need, as rows."""
+    counts = eligible.column("count").to_numpy()
+    hit = eligible.column("hit").to_numpy(zero_copy_only=False)
+    thresholds = [plan["threshold"] for plan in plans.values() if plan["threshold"] is not None]
+    keep = counts >= min(thresholds) if thresholds else np.zeros(len(counts), bool)
+    missed = np.flatnonzero(~hit)
+    if misses > 0 and missed.size:
+        last = np.sort(counts[missed])[::-1][min(misses, missed.size) - 1]
+        keep[missed[counts[missed] >= last]] = True
+    rows = eligible.filter(pa.array(keep))
+    for key, count, users, hit in zip(*(rows.column(name).to_pylist() for name in ("key", "count", "users", "hit"))):
+        yield HeldOut(key, count, users, hit)
 
 
 class Histogram(beam.PTransform):

@@ -35,8 +35,8 @@ _MAYBE_PERSONAL = "[@:0-9]"  # an ASCII key matching none of these has nothing p
 
 
 def privacy_reasons(counts: pa.Table, min_users: int | None, scrub_pii: bool) -> list[str | None]:
-    """Why each row of a table of ``key, count, users`` is kept out of the head (as :class:`_Screen`
-    says of its row), or None."""
+    """Why each row of a table of ``key, count, users`` is kept out of the head: its key looks
+    personal (``pii_reason``), or fewer than ``min_users`` issued it; None when neither."""
     keys = counts.column("key")
     reasons: list[str | None] = [None] * counts.num_rows
     if scrub_pii:
@@ -66,25 +66,12 @@ class _ScreenTables(beam.DoFn):
             yield counts
 
 
-class _Screen(beam.DoFn):
-    def __init__(self, min_users: int | None, scrub_pii: bool):
-        self.min_users, self.scrub_pii = min_users, scrub_pii
-
-    def process(self, row):
-        reason = pii_reason(row[0]) if self.scrub_pii else None
-        if reason is None and self.min_users and (row[2] or 0) < self.min_users:
-            reason = "min_users"
-        if reason:
-            yield beam.pvalue.TaggedOutput(DROPPED, reason)
-        else:
-            yield row
-
-
 class ScreenPrivacy(beam.PTransform):
     """``counts | ScreenPrivacy(min_users=5)`` -> ``(eligible, dropped)``: the privacy filters of a build.
 
-    A ``(key, count, users, ...)`` row is dropped when its key looks personal (PII scrub) or, with
-    ``min_users``, fewer distinct users issued it; ``dropped`` holds one reason per dropped row.
+    ``counts`` holds tables of ``key, count, users`` (and any other columns); a row is dropped when its
+    key looks personal (PII scrub) or, with ``min_users``, fewer distinct users issued it.
+    ``eligible`` holds the tables of the rest; ``dropped`` holds ``{reason: queries}`` dicts.
     """
 
     def __init__(self, min_users: int | None = None, scrub_pii: bool = True):
@@ -92,7 +79,9 @@ class ScreenPrivacy(beam.PTransform):
         self.min_users, self.scrub_pii = min_users, scrub_pii
 
     def expand(self, counts):
-        screened = counts | beam.ParDo(_Screen(self.min_users, self.scrub_pii)).with_outputs(DROPPED, main="eligible")
+        screened = counts | beam.ParDo(_ScreenTables(self.min_users, self.scrub_pii)).with_outputs(
+            DROPPED, main="eligible"
+        )
         return screened.eligible, screened[DROPPED]
 
 
@@ -136,7 +125,7 @@ def _split(counts: pa.Table, plan: dict):
         yield from (beam.pvalue.TaggedOutput(TIED, (quota, row)) for row in count_rows(tied))
 
 
-def _histogram(counts: pa.Table) -> dict[int, int]:
+def histogram_of(counts: pa.Table) -> dict[int, int]:
     """``{count: queries with it}`` of a table."""
     pairs = pc.value_counts(counts.column("count"))
     return dict(zip(pairs.field("values").to_pylist(), pairs.field("counts").to_pylist()))
@@ -169,10 +158,7 @@ class SelectHead(beam.PTransform):
         self.selection, self.min_users, self.scrub_pii = selection, min_users, scrub_pii
 
     def expand(self, counts):
-        screened = counts | "Privacy" >> beam.ParDo(_ScreenTables(self.min_users, self.scrub_pii)).with_outputs(
-            DROPPED, main="eligible"
-        )
-        eligible, dropped = screened.eligible, screened[DROPPED]
+        eligible, dropped = counts | "Privacy" >> ScreenPrivacy(self.min_users, self.scrub_pii)
         total = (
             counts
             | "Traffic" >> beam.Map(lambda table: pc.sum(table.column("count")).as_py() or 0)
@@ -180,7 +166,7 @@ class SelectHead(beam.PTransform):
         )
         plan = (
             eligible
-            | "Counts" >> beam.Map(_histogram)
+            | "Counts" >> beam.Map(histogram_of)
             | "Histogram" >> beam.CombineGlobally(sum_dicts)
             | "Plan" >> beam.Map(_plan_and_report, total_traffic=AsSingleton(total), selection=self.selection)
         )
