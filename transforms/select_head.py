@@ -31,7 +31,7 @@ DROPPED, TIED = "dropped", "tied"
 log = logging.getLogger(__name__)
 
 
-_MAYBE_PERSONAL = "[@:0-9]"  # an ASCII key matching none of these has nothing pii_reason looks for
+_MAYBE_PERSONAL = r"[@:\p{Nd}]"  # pii_reason finds nothing in a key without "@", ":" or a decimal digit (any script)
 
 
 def privacy_reasons(counts: pa.Table, min_users: int | None, scrub_pii: bool) -> list[str | None]:
@@ -40,7 +40,7 @@ def privacy_reasons(counts: pa.Table, min_users: int | None, scrub_pii: bool) ->
     keys = counts.column("key")
     reasons: list[str | None] = [None] * counts.num_rows
     if scrub_pii:
-        maybe = pc.or_(pc.invert(pc.string_is_ascii(keys)), pc.match_substring_regex(keys, _MAYBE_PERSONAL))
+        maybe = pc.match_substring_regex(keys, _MAYBE_PERSONAL)
         for i in np.flatnonzero(maybe.to_numpy(zero_copy_only=False)):
             reasons[i] = pii_reason(keys[int(i)].as_py())
     if min_users:
