@@ -123,8 +123,7 @@ def test_a_file_read_in_parts_gives_what_it_gives_whole(tmp_path_factory, lines,
     assert read_in_parts(path, fields, part_bytes)[0] == whole(path, fields)
 
 
-def test_a_build_of_a_log_in_parts_numbers_its_dead_letters_in_the_file(cli, tiny_bert, tmp_path, monkeypatch):
-    """Dead letters of the reader and of the query checks, in every part, keep their line in the file."""
+def _log_with_dead_letters() -> bytes:
     rng = random.Random(3)
     lines = []
     for i in range(600):
@@ -137,19 +136,41 @@ def test_a_build_of_a_log_in_parts_numbers_its_dead_letters_in_the_file(cli, tin
             lines.append(json.dumps({"query": "a\u0007b", "count": 1, "user": "u"}).encode())  # a control character
         else:
             lines.append(json.dumps({"query": rng.choice(WORDS), "count": 1 + i % 3, "user": f"u{i % 7}"}).encode())
-    (tmp_path / "log.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return b"\n".join(lines) + b"\n"
+
+
+def _build(cli, logs, out, model, part_bytes, monkeypatch, *extra) -> dict:
+    monkeypatch.setattr(read_logs, "PART_BYTES", part_bytes)
     args = ("--count-field", "count", "--user-field", "user", "--top-k", "20", "--fidelity-sample", "0")
-    summaries = {}
-    for part_bytes in (read_logs.PART_BYTES, 2_000):
-        monkeypatch.setattr(read_logs, "PART_BYTES", part_bytes)
-        out = tmp_path / f"out-{part_bytes}"
-        result = cli(*build_args(tmp_path / "log.jsonl", out, tiny_bert, *args))
-        assert result.exit_code == 0, result.output
-        summaries[part_bytes] = json.loads(result.stdout.strip().splitlines()[-1])
-        summaries[part_bytes]["dead"] = sorted(_dead_letters(out))
-    whole_file, in_parts = summaries.values()
-    assert in_parts["lines_read"] == whole_file["lines_read"] == len(lines)
-    for name in ("accepted", "rejected_by_reason", "distinct_queries", "head_size", "dead"):
-        assert in_parts[name] == whole_file[name], name
-    reasons = {json.loads(line)["reason"] for line in in_parts["dead"]}
+    result = cli(*build_args(logs, out, model, *args), *extra)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    dead = [json.loads(line) for line in _dead_letters(out)]
+    return summary | {"dead": sorted((d["line"], d["reason"], d["excerpt"]) for d in dead)}
+
+
+SAME = ("lines_read", "accepted", "rejected_by_reason", "distinct_queries", "head_size", "dead")
+
+
+def test_a_build_of_a_log_in_parts_numbers_its_dead_letters_in_the_file(cli, tiny_bert, tmp_path, monkeypatch):
+    """Dead letters of the reader and of the query checks, in every part, keep their line in the file."""
+    (tmp_path / "log.jsonl").write_bytes(_log_with_dead_letters())
+    whole = _build(cli, tmp_path / "log.jsonl", tmp_path / "whole", tiny_bert, read_logs.PART_BYTES, monkeypatch)
+    in_parts = _build(cli, tmp_path / "log.jsonl", tmp_path / "parts", tiny_bert, 2_000, monkeypatch)
+    assert in_parts["lines_read"] == 600
+    assert {name: in_parts[name] for name in SAME} == {name: whole[name] for name in SAME}
+    reasons = {reason for _, reason, _ in in_parts["dead"]}
     assert {"malformed_json", "too_long", "control_characters"} <= reasons, reasons
+
+
+def test_a_log_on_s3_is_read_in_parts(cli, tiny_bert, tmp_path, monkeypatch, s3):
+    """Parts seek into an object on S3 as into a local file (a real S3 server on loopback)."""
+    from querycache.store import fs
+
+    data = _log_with_dead_letters()
+    (tmp_path / "log.jsonl").write_bytes(data)
+    fs._s3_client().put_object(Bucket="qc-test", Key=f"parts-{tmp_path.name}/log.jsonl", Body=data)
+    remote = f"{s3['bucket']}/parts-{tmp_path.name}/log.jsonl"
+    whole = _build(cli, tmp_path / "log.jsonl", tmp_path / "whole", tiny_bert, read_logs.PART_BYTES, monkeypatch)
+    in_parts = _build(cli, remote, tmp_path / "parts", tiny_bert, 2_000, monkeypatch, "--", *s3["options"])
+    assert {name: in_parts[name] for name in SAME} == {name: whole[name] for name in SAME}
