@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from querycache.transforms import read_logs
 from querycache.transforms.read_logs import LINES, _offsets, _ParseFile, _Part, _parts, _renumbered
 from querycache.transforms.records import LogFields, parse_stream, part_of, record_tuples
-from tests.conftest import build_args
+from tests.conftest import build_args, use_s3
 from tests.test_build import _dead_letters
 from tests.test_records import (
     CSV_FIELDS,
@@ -169,6 +169,7 @@ def test_a_log_on_s3_is_read_in_parts(cli, tiny_bert, tmp_path, monkeypatch, s3)
 
     data = _log_with_dead_letters()
     (tmp_path / "log.jsonl").write_bytes(data)
+    use_s3(s3["options"])  # an earlier command may have pointed the store seam elsewhere
     fs._s3_client().put_object(Bucket="qc-test", Key=f"parts-{tmp_path.name}/log.jsonl", Body=data)
     remote = f"{s3['bucket']}/parts-{tmp_path.name}/log.jsonl"
     whole = _build(cli, tmp_path / "log.jsonl", tmp_path / "whole", tiny_bert, read_logs.PART_BYTES, monkeypatch)

@@ -2,9 +2,11 @@
 
     stored = p | ReadSnapshotKeys(["s3://b/qc/snapshots/<id>/parquet/part-00000-of-00001.parquet"])
     heldout, stored = (counts, stored) | JoinSnapshot()
-    buckets = placed | PlaceByRank(boundaries=[1, 2, 3, 5, 10, 20000])
+    buckets = stored | PlaceByRank(boundaries=[1, 2, 3, 5, 10, 20000])
 
-Rows that cross modules are the NamedTuples below. A snapshot's rows are ordered as the build
+Held-out counts stay CountQueries' tables (with a ``hit`` column); :func:`candidate_rows` turns
+only the rows the tops and the top misses need into HeldOut rows. Rows that cross modules are the
+NamedTuples below. A snapshot's rows are ordered as the build
 ordered its head: by rank (competition ranks: equal counts share one), ties by smallest UTF-8 key
 bytes. Only the rank groups that straddle a boundary are sorted; every other row's bucket follows
 from its rank and the size of its rank group.
@@ -222,7 +224,7 @@ def _in_tops(row: HeldOut, plans: dict):
 
 
 class MissedInTops(beam.PTransform):
-    """``(eligible, histogram) | MissedInTops()`` -> one name of TOPS per top held-out query the snapshot misses.
+    """``(rows, histogram) | MissedInTops()`` -> one name of TOPS per top held-out query the snapshot misses.
 
     Ties at a top's threshold go to the smallest key bytes, as in a build's ``--top-k``.
     """
@@ -240,7 +242,7 @@ class MissedInTops(beam.PTransform):
 
 
 class TopMisses(beam.PTransform):
-    """``eligible | TopMisses(20)`` -> one list of the most frequent misses, ``{"key", "count"}``, ties by key."""
+    """``rows | TopMisses(20)`` -> one list of the most frequent misses, ``{"key", "count"}``, ties by key."""
 
     def __init__(self, n: int):
         super().__init__()
