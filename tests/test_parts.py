@@ -8,7 +8,7 @@ import random
 
 import pytest
 from apache_beam.pvalue import TaggedOutput
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from querycache.transforms import read_logs
@@ -105,6 +105,7 @@ _LINE = st.one_of(st.sampled_from(HOSTILE_JSONL), st.just(GOOD), st.binary(max_s
 
 
 @settings(max_examples=150, deadline=None)
+@example([b'{"query":', b'"x","user":"u","count":1}'], "f.jsonl", 4, True, False)  # a first part of the mark alone
 @given(
     st.lists(_LINE, min_size=1, max_size=30),
     st.sampled_from(["f.jsonl", "f.txt", "f.csv"]),

@@ -543,7 +543,9 @@ def _line_blocks(stream: IO[bytes], size: int, start: bool = True) -> Iterator[b
             raise
         if first and chunk.startswith(BOM):
             chunk = chunk[len(BOM) :]
-            lone_bom = not chunk  # a file of a byte-order mark alone is one empty line
+            if not chunk:  # the mark alone so far (a read may end there): read on; a file of it alone is one empty line
+                first, lone_bom = False, True
+                continue
         first = False
         if not chunk:
             if chunks or lone_bom:
