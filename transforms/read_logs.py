@@ -62,7 +62,7 @@ class _ParseFile(beam.DoFn):
                         yield beam.pvalue.TaggedOutput(REJECTED, _in_part(item, start))
                         continue
                     lines += item.num_rows
-                    now = raw.tell()  # bytes of the file, compressed or not
+                    now = raw.tell() if end is None else min(raw.tell(), end)  # of the file, compressed or not
                     ticker.add(done=now - position, items=lines - counted)
                     position, counted = now, lines
                     if start:
@@ -105,16 +105,18 @@ class _Part(io.RawIOBase):
 
     def __init__(self, raw: IO[bytes], start: int, end: int | None):
         super().__init__()
-        self.raw, self.end = raw, end
-        raw.seek(max(start - 1, 0))
-        if start:
-            raw.readline()  # the line under way at ``start`` belongs to the part before
-        self.position, self.last = raw.tell(), 10  # the last byte given: a line break before the first
+        self.raw, self.start, self.end = raw, start, end
+        self.position: int | None = None  # not sought yet: a stream that cannot seek fails in the parse
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
+        if self.position is None:
+            self.raw.seek(max(self.start - 1, 0))
+            if self.start:
+                self.raw.readline()  # the line under way at ``start`` belongs to the part before
+            self.position, self.last = self.raw.tell(), 10  # the last byte given: a break before the first
         view = memoryview(buffer).cast("B")
         if self.end is None or self.position < self.end:
             n = self.raw.readinto(view if self.end is None else view[: self.end - self.position])
@@ -216,14 +218,14 @@ class ReadQueryLogs(beam.PTransform):
     names their file); ``rejected`` holds dead-letter dicts; ``lines`` holds ``(source, start, lines)``
     for each part read. Compression is detected from the file extension.
 
-    An uncompressed line-based file larger than ``part_bytes`` (32 MiB) is read in parts, spread over
+    An uncompressed line-based file larger than ``PART_BYTES`` (32 MiB) is read in parts, spread over
     the workers; a part's lines are numbered from its start: :class:`FileLineNumbers` numbers their dead
     letters in the file.
     """
 
-    def __init__(self, patterns: list[str], fields: LogFields, part_bytes: int | None = None):
+    def __init__(self, patterns: list[str], fields: LogFields):
         super().__init__()
-        self.patterns, self.fields, self.part_bytes = patterns, fields, part_bytes or PART_BYTES
+        self.patterns, self.fields, self.part_bytes = patterns, fields, PART_BYTES
 
     def expand(self, pbegin):
         parsed = (

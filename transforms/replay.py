@@ -27,7 +27,7 @@ from apache_beam.io.parquetio import ReadAllFromParquet
 from apache_beam.pvalue import AsSingleton
 
 from querycache.store.keys import key_bytes
-from querycache.transforms.count import COUNTS, PARTITIONS, partition_of
+from querycache.transforms.count import PARTITIONS, partition_of
 from querycache.transforms.select_head import SmallestKeys
 from querycache.transforms.selection import Selection, plan_head
 
@@ -71,14 +71,14 @@ def _join(partition: int, grouped: dict):
     """One partition's held-out counts (a table) and snapshot rows -> the counts with ``hit``, and Stored rows."""
     tables, stored = list(grouped["heldout"]), list(grouped["stored"])
     keys = pa.array([key for key, _ in stored], pa.string())
-    counts = pa.concat_tables(tables) if tables else pa.table({name: pa.array([], pa.int64()) for name in COUNTS})
-    if counts.num_rows:
+    traffic = [0] * len(stored)
+    if tables:
+        counts = pa.concat_tables(tables)
         yield counts.append_column("hit", pc.is_in(counts.column("key"), value_set=keys))
-    if stored:
-        found = pc.index_in(keys, value_set=counts.column("key").cast(pa.string()))
+        found = pc.index_in(keys, value_set=counts.column("key"))
         traffic = pc.fill_null(pc.take(counts.column("count"), found), 0).to_pylist()
-        for (key, rank), count in zip(stored, traffic):
-            yield beam.pvalue.TaggedOutput(STORED, Stored(key, rank, count))
+    for (key, rank), count in zip(stored, traffic):
+        yield beam.pvalue.TaggedOutput(STORED, Stored(key, rank, count))
 
 
 def _partition(counts: pa.Table, partitions: int) -> int:
