@@ -311,12 +311,19 @@ def _line_by_line(data: bytes, fields: LogFields) -> list:
 FIELDS = (LogFields(count="count", user="user"), LogFields(), LogFields(count="count", label="lab"), WINDOW)
 
 
+# Logs whose user ids, labels and epoch times are numbers, or whose counts are text: the contract takes
+# them (str of the number, the digits of the text), and Arrow is to read them column-wise too.
+NUMBERS = b'{"query":"Good one","user":17,"count":2,"lab":3,"ts":1793527200}'
+TEXT_COUNTS = b'{"query":"Good one","user":"u1","count":" 2","lab":" sports ","ts":"2026-11-01T10:00:00Z"}'
+
+
+@pytest.mark.parametrize("good", [GOOD, NUMBERS, TEXT_COUNTS])
 @pytest.mark.parametrize("block", [64, 1 << 20])
-def test_each_hostile_line_among_good_ones_is_classified_as_the_line_reader_does(block):
+def test_each_hostile_line_among_good_ones_is_classified_as_the_line_reader_does(block, good):
     default, records.BLOCK = records.BLOCK, block
     try:
         for hostile in HOSTILE_JSONL:
-            data = b"\n".join([GOOD] * 5 + [hostile] + [GOOD] * 5) + b"\n"
+            data = b"\n".join([good] * 5 + [hostile] + [good] * 5) + b"\n"
             for fields in FIELDS:
                 assert list(parse_stream("f.jsonl", io.BytesIO(data), fields)) == _line_by_line(data, fields), hostile
     finally:
@@ -328,10 +335,11 @@ def test_each_hostile_line_among_good_ones_is_classified_as_the_line_reader_does
     st.lists(st.tuples(st.integers(0, 40), st.sampled_from(HOSTILE_JSONL)), max_size=6),
     st.sampled_from([64, 300, 1 << 20]),
     st.booleans(),
+    st.lists(st.sampled_from([GOOD, NUMBERS, TEXT_COUNTS]), min_size=1, max_size=3),
 )
-def test_jsonl_blocks_classify_every_line_as_the_line_reader_does(hostile, block, final_newline):
+def test_jsonl_blocks_classify_every_line_as_the_line_reader_does(hostile, block, final_newline, goods):
     """Arrow reads blocks of lines; each line still ends as the record or the dead letter it was."""
-    lines = [GOOD] * 40
+    lines = [goods[i * len(goods) // 40] for i in range(40)]  # runs of each kind of good line
     for position, line in hostile:
         lines.insert(position, line)
     data = b"\n".join(lines) + (b"\n" if final_newline else b"")
@@ -572,3 +580,17 @@ def test_parquet_timestamps_at_the_window_bounds_are_judged_as_rows_are(time_typ
         schema,
         LogFields(query="q", time="t", since=WINDOW.since, until=WINDOW.until),
     )
+
+
+@pytest.mark.parametrize("good", [NUMBERS, TEXT_COUNTS])
+def test_numeric_ids_labels_times_and_text_counts_stay_column_wise(good, monkeypatch):
+    """A log whose fields hold numbers (or text counts) throughout is read by Arrow, not line by line
+    (the first block starts with the other type once: the reader keeps the type that fits)."""
+    by_line = []
+    line_reader = records._parse_line
+    monkeypatch.setattr(records, "_parse_line", lambda *args: by_line.append(args) or line_reader(*args))
+    monkeypatch.setattr(records, "BLOCK", 2000)  # blocks of ~25 lines
+    data = b"\n".join([good] * 200) + b"\n"
+    items = list(parse_stream("f.jsonl", io.BytesIO(data), WINDOW))
+    assert len(items) == 200 and all(type(item) is tuple for item in items)
+    assert len(by_line) <= records._PER_LINE  # the last few lines, a range too short for Arrow

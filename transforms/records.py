@@ -348,24 +348,68 @@ def _parse_jsonl_blocks(
     contract refuses (a null query, a bad count, a blank user) is found column-wise. Every line gives
     one record (in a table) or one rejection. A block that keeps failing is read on line by line.
     """
-    import pyarrow.json as pj
-
     names = _named(fields)
-    types = dict.fromkeys((fields.time, fields.label, fields.user), pa.string())  # epoch numbers: line reader
-    types |= {fields.query: pa.string(), fields.count: pa.int64()}
     if len(set(names)) < len(names):  # one field in two roles: the line-by-line read decides
         yield from (_parse_line(source, i, raw, "jsonl", fields, None) for i, raw in _lines(stream, 1, start))
         return
-    schema = pa.schema([(name, types[name]) for name in names])
-    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
-
-    def read(chunk: bytes) -> pa.Table:
-        block = pj.ReadOptions(use_threads=False, block_size=len(chunk) + 1)
-        return pj.read_json(io.BytesIO(chunk), read_options=block, parse_options=options)
-
+    read = _JsonReader(fields)
     yield from _one_ahead(
         _line_blocks(stream, BLOCK, start), lambda block, first: _jsonl_block(source, block, first, fields, read)
     )
+
+
+class _JsonReader:
+    """``pyarrow.json`` with a schema of the named fields only, whose types follow the log.
+
+    The query is read as a string and the count as an integer; the user, label and time as strings.
+    Logs differ: user ids, labels and epoch times are often numbers, counts sometimes strings. A block
+    that Arrow refuses because such a field "changed from string to number" (or back) in its first row
+    is read again with that field as the other type, and the next blocks start from it: a log of
+    numeric user ids stays column-wise. The contract takes them as the line reader does (``str`` of an integer, counts
+    from text by ``_weight``); what neither type holds (a float id, a mix within a block) is refused
+    and narrowed down to its lines as before.
+    """
+
+    _OTHER = {"string": ("number", pa.int64()), "number": ("string", pa.string())}
+
+    def __init__(self, fields: LogFields):
+        import pyarrow.json as pj
+
+        self._pj = pj
+        self.types = dict.fromkeys((fields.time, fields.label, fields.user), pa.string())
+        self.types |= {fields.query: pa.string(), fields.count: pa.int64()}
+        self.types.pop(None, None)
+        self.names = _named(fields)
+        switchable = [name for name in (fields.user, fields.label, fields.time, fields.count) if name]
+        pointer = {name: name.replace("~", "~0").replace("/", "~1") for name in switchable}
+        self._changes = {f"Column(/{pointer[name]}) changed from ": name for name in switchable}
+
+    def __call__(self, chunk: bytes) -> pa.Table:
+        for _ in range(len(self._changes) + 1):
+            schema = pa.schema([(name, self.types[name]) for name in self.names])
+            options = self._pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+            block = self._pj.ReadOptions(use_threads=False, block_size=len(chunk) + 1)
+            try:
+                return self._pj.read_json(io.BytesIO(chunk), read_options=block, parse_options=options)
+            except pa.ArrowInvalid as err:
+                if not self._switched(str(err)):
+                    raise
+        raise pa.ArrowInvalid("JSON field types keep changing within one block")
+
+    def _switched(self, error: str) -> bool:
+        """Whether ``error`` says that a switchable field holds the other type from the chunk's first row
+        on; if so, take that type. A change further down is the odd line out: the caller splits there."""
+        row = _ARROW_ROW.search(error)
+        if row is None or row.group(1) != "0":
+            return False
+        for prefix, name in self._changes.items():
+            if prefix in error:
+                kind = "string" if self.types[name] == pa.string() else "number"
+                other, to = self._OTHER[kind]
+                if f"{prefix}{kind} to {other}" in error:
+                    self.types[name] = to
+                    return True
+        return False
 
 
 def _one_ahead(blocks: Iterator[bytes], work: Callable[[bytes, int], tuple[list, int]]) -> Iterator:
@@ -673,6 +717,8 @@ def _contract(table: pa.Table, fields: LogFields, first: int, source: str):
     reason = query.is_null().to_numpy(zero_copy_only=False).astype(np.int8)  # 1: missing_query
     weight = pa.array(np.ones(n, np.int64))
     if fields.count:
+        if table.schema.field(fields.count).type == pa.string():  # counts given as text (see _JsonReader)
+            table = _typed_counts(table, fields)
         count = table.column(fields.count)
         fine = pc.fill_null(pc.and_(pc.greater(count, 0), pc.less_equal(count, MAX_WEIGHT)), False)
         reason[(reason == 0) & ~fine.to_numpy(zero_copy_only=False)] = 2
