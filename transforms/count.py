@@ -106,18 +106,33 @@ class _PartialCounts(beam.DoFn):
             yield WindowedValue(item, MIN_TIMESTAMP, [GlobalWindow()])
 
     def _drain(self):
+        """The held rows summed, as one dictionary-encoded table per partition.
+
+        The distinct keys are hashed once each and ordered by partition, so a row's key is an index
+        into them: the sums group integers, and a partition's keys are one slice of the distinct ones.
+        """
         if not self._parts:
             return
-        sums = _sums(pa.concat_tables(self._parts), self.users)
+        table = pa.concat_tables(self._parts)
         self._parts, self._rows = [], 0
-        partition = fnv1a_column(sums.column("key")).to_numpy() % np.uint64(self.partitions)
+        encoded = pc.dictionary_encode(table.column("key").combine_chunks())
+        partition = fnv1a_column(encoded.dictionary).to_numpy() % np.uint64(self.partitions)
         order = np.argsort(partition, kind="stable")
-        sums, partition = sums.take(order), partition[order]
-        cuts = np.flatnonzero(np.diff(partition)) + 1
-        for start, end in zip([0, *cuts], [*cuts, len(partition)]):
-            part = sums.slice(start, end - start)  # a key's text once, not in each of its (key, user) rows:
-            part = part.set_column(0, "key", pc.dictionary_encode(part.column("key")))
-            yield int(partition[start]), to_ipc(part)
+        rank = np.empty(len(order), np.int32)
+        rank[order] = np.arange(len(order), dtype=np.int32)
+        distinct, partition = encoded.dictionary.take(order), partition[order]
+        index = rank[encoded.indices.to_numpy(zero_copy_only=False)]
+        by = ["index", "user"] if self.users else ["index"]
+        columns = {"index": index, "weight": table.column("weight")} | {name: table.column(name) for name in by[1:]}
+        sums = pa.table(columns).group_by(by, use_threads=False).aggregate([("weight", "sum")])
+        sums = sums.take(pc.sort_indices(sums.column("index")))
+        rows = sums.column("index").to_numpy()
+        values = sums.select([*by[1:], "weight_sum"]).rename_columns([*by[1:], "weight"])
+        starts = np.flatnonzero(np.r_[True, np.diff(partition) != 0])  # each partition's first distinct key
+        for first, last in zip(starts, [*starts[1:], len(partition)]):
+            a, b = np.searchsorted(rows, [first, last])
+            keys = pa.DictionaryArray.from_arrays(pa.array(rows[a:b] - first, pa.int32()), distinct[first:last])
+            yield int(partition[first]), to_ipc(values.slice(a, b - a).add_column(0, "key", keys))
 
 
 def _merge(partition: int, parts, users: bool = False) -> Iterator[pa.Table]:
