@@ -621,11 +621,13 @@ def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read:
     read; each is placed at its first line, so a sort by line keeps line order between them.
     """
     data, starts, ends = _line_bounds(block)
-    brackets = np.add.reduceat(((data == 91) | (data == 123)).astype(np.int64), starts)
     last = np.maximum(ends - 1, 0)
     last = np.maximum(last - (data[last] == 13), 0)  # before a "\r"
     # lines Arrow is not given: not "{...}" (a malformed line costs Arrow a failed read), or deep
-    suspect = (data[starts] != 123) | (data[last] != 125) | (brackets >= _DEEP)
+    suspect = (data[starts] != 123) | (data[last] != 125)
+    for i in np.flatnonzero(ends - starts >= _DEEP).tolist():  # only a line this long can be this deep
+        line = block[starts[i] : ends[i]]
+        suspect[i] |= line.count(b"[") + line.count(b"{") >= _DEEP
     items: list = [None] * len(ends)
     budget = 8 * len(block)  # bytes Arrow may be given (it reads ~8x faster) before the rest goes line by line
     todo = [(0, len(ends))]
