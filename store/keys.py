@@ -43,8 +43,10 @@ _ASCII_CONTROLS = {c: " " for c in [*range(32), 127]}
 def _one_pass(text: str) -> str:
     text = unicodedata.normalize("NFKC", text)
     text = unicodedata.normalize("NFKC", text.casefold())
-    kept = (" " if unicodedata.category(ch) == "Cc" else ch for ch in text if unicodedata.category(ch) != "Cf")
-    return " ".join("".join(kept).split())
+    if not text.isprintable():  # printable text has no Cc or Cf character (both are "Other"): skip the scan
+        kept = (" " if unicodedata.category(ch) == "Cc" else ch for ch in text if unicodedata.category(ch) != "Cf")
+        text = "".join(kept)
+    return " ".join(text.split())
 
 
 def is_query(key: str | bytes) -> bool:
@@ -129,9 +131,13 @@ def fold_printable(values: pa.Array) -> pa.Array:
     import pyarrow.compute as pc
 
     folded = pc.utf8_trim(pc.replace_substring(pc.ascii_lower(values), "  ", " "), " ")
-    while pc.any(pc.match_substring(folded, "  ")).as_py():  # a run of n spaces takes log2(n) rounds
-        folded = pc.replace_substring(folded, "  ", " ")
-    return folded
+    size = pc.sum(pc.binary_length(folded)).as_py()
+    while True:  # a run of n spaces takes log2(n) rounds; a round that replaces nothing keeps every byte
+        again = pc.replace_substring(folded, "  ", " ")
+        size, before = pc.sum(pc.binary_length(again)).as_py(), size
+        if size == before:
+            return folded
+        folded = again
 
 
 def query_list(queries: Iterable[str]) -> list[str]:

@@ -24,6 +24,37 @@ def test_ascii_fast_path_matches_the_general_rules(text):
     assert normalize(text) == _one_pass(text)
 
 
+def _rules(text: str) -> str:
+    """The module docstring's rules, written out with no shortcut (the reference for normalize)."""
+    import unicodedata
+
+    def one_pass(text: str) -> str:
+        text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+        kept = (" " if unicodedata.category(ch) == "Cc" else ch for ch in text if unicodedata.category(ch) != "Cf")
+        return " ".join("".join(kept).split())
+
+    key = one_pass(text.encode("utf-8", "ignore").decode("utf-8"))
+    while one_pass(key) != key:
+        key = one_pass(key)
+    return key
+
+
+# Text that mixes letters of several scripts with controls, format characters and odd spaces.
+MIXED = st.text(
+    alphabet=st.one_of(
+        st.characters(),
+        st.sampled_from("\x00\t\n\x85\xad\u200b\u200d\u2060\ufeff\u3000\u00a0\u061c\U000e0041ﬁẞΣςＡ"),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=2000)
+@given(MIXED)
+def test_normalize_follows_the_rules(text):
+    assert normalize(text) == _rules(text)
+
+
 def test_spellings_of_one_query_share_a_key():
     same = [
         "Cheap Flights to Paris",
@@ -57,8 +88,16 @@ UTF8_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)))  # wha
 SPACED_ASCII = st.text(alphabet=" \t\n\x0b\x0c\r\x1c\x1f\x7fAbZz09~-İıßΣς\u3000\u200b\u00a0", max_size=30)
 
 
+PRINTABLE_SPACED = st.text(alphabet=" aZ~", max_size=30)  # runs of spaces inside: Arrow's path alone
+
+
 @settings(max_examples=500)
-@given(st.lists(st.one_of(UTF8_TEXT, SPACED_ASCII, st.none(), st.just(" " * 37 + "X" + " " * 5)), max_size=40))
+@given(
+    st.lists(
+        st.one_of(UTF8_TEXT, SPACED_ASCII, PRINTABLE_SPACED, st.none(), st.just(" " * 37 + "X" + " " * 5 + "y")),
+        max_size=40,
+    )
+)
 def test_the_column_key_function_is_the_key_function(queries):
     column = pa.array(queries, pa.string())
     want = [None if q is None else normalize(q) for q in queries]
