@@ -1,5 +1,5 @@
 """``python -m querycache``: the same command line as ``querycache``."""
 
-from querycache.runners.cli import main
+from querycache.runners.cli import entry
 
-main(prog_name="querycache")
+entry()

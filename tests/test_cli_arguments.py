@@ -80,3 +80,17 @@ def test_worker_processes_log_what_querycache_says_and_the_user_wins():
     assert args.index("--default_sdk_harness_log_level=WARNING") < args.index("--default_sdk_harness_log_level=DEBUG")
     assert '--sdk_harness_log_level_overrides={"querycache": "WARNING"}' in args
     assert '--sdk_harness_log_level_overrides={"querycache": "INFO"}' in beam_args("multiprocess", [])
+
+
+def test_the_command_exits_with_its_status_and_all_its_output(tmp_path):
+    """The command skips the interpreter's teardown: its status and every line of output still come out."""
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "querycache", *args], capture_output=True, text=True, timeout=120)
+
+    refused = run("build", "--logs", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "qc"))
+    assert refused.returncode == 2 and "matches no non-empty file" in refused.stderr
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.rstrip().endswith("nfkc-casefold-collapse v1")

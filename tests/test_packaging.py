@@ -62,7 +62,7 @@ def test_the_wheel_installs_the_querycache_namespace_and_nothing_else(wheel):
     for room in ROOMS:
         assert f"querycache/{room}/__init__.py" in names
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "querycache = querycache.runners.cli:main" in entry
+    assert "querycache = querycache.runners.cli:entry" in entry
 
 
 def test_the_light_install_has_neither_beam_nor_torch(light):
