@@ -225,6 +225,7 @@ for command in (
 ):  # fmt: skip
     main.add_command(command)
 
+
 def entry() -> None:
     """The ``querycache`` command: :func:`main`, then an exit without the interpreter's teardown.
 

@@ -10,6 +10,7 @@ through a bounded combiner that keeps the ones with the smallest keys.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 
@@ -31,7 +32,17 @@ DROPPED, TIED = "dropped", "tied"
 log = logging.getLogger(__name__)
 
 
-_MAYBE_PERSONAL = r"[@:\p{Nd}]"  # pii_reason finds nothing in a key without "@", ":" or a decimal digit (any script)
+DIGIT = r"\p{Nd}"  # a decimal digit of any script: RE2's class holds every character Python's \d matches
+
+
+def maybe_personal(keys: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Whether :func:`pii_reason` may find each key personal: what one of its patterns needs at least
+    is there ("@"; two colons; 7 decimal digits; 4 digits and 3 dots). Only those keys go to Python."""
+    digits = pc.count_substring_regex(keys, DIGIT)
+    dots, colons = pc.count_substring(keys, "."), pc.count_substring(keys, ":")
+    ip4 = pc.and_(pc.greater_equal(digits, 4), pc.greater_equal(dots, 3))
+    some = [pc.match_substring(keys, "@"), pc.greater_equal(colons, 2), pc.greater_equal(digits, 7), ip4]
+    return functools.reduce(pc.or_, some)
 
 
 def privacy_reasons(counts: pa.Table, min_users: int | None, scrub_pii: bool) -> list[str | None]:
@@ -40,7 +51,7 @@ def privacy_reasons(counts: pa.Table, min_users: int | None, scrub_pii: bool) ->
     keys = counts.column("key")
     reasons: list[str | None] = [None] * counts.num_rows
     if scrub_pii:
-        maybe = pc.match_substring_regex(keys, _MAYBE_PERSONAL)
+        maybe = maybe_personal(keys)
         for i in np.flatnonzero(maybe.to_numpy(zero_copy_only=False)):
             reasons[i] = pii_reason(keys[int(i)].as_py())
     if min_users:
