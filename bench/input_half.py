@@ -1,6 +1,6 @@
 """The input half against columnar engines: whole processes on one generated JSONL log, in one run.
 
-    python bench/input_half.py [--lines 1000000] [--distinct 200000] [--baseline /path/to/python]
+    python bench/input_half.py [--lines 1000000] [--distinct 200000] [--baseline /path/to/python] [--keep DIR]
 
 Writes a log of ``--lines`` records (query, user, count, ts; Zipf popularity, 10% upper case, 10%
 extra spaces, 5% full-width letters, 0.1% bad lines of five kinds), then runs, each as its own
@@ -9,7 +9,8 @@ on that head), ``querycache replay`` of the same log against that snapshot, Duck
 the same query (read with a schema, lower case, spaces collapsed and trimmed, weighted sum,
 distinct users, top 1,000), and with ``--baseline`` the same build by another querycache install
 (its interpreter: an older commit's wheel). Prints seconds, lines/s, MB/s, the ratio to DuckDB
-and each process's peak RSS. DuckDB and Polars are for this benchmark only (``pip install duckdb polars``).
+and each process's peak RSS; ``--keep DIR`` keeps the generated logs there for the next run. DuckDB
+and Polars are for this benchmark only (``pip install duckdb polars``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,17 @@ def write_log(path: Path, parsable: Path, lines: int, distinct: int) -> None:
                 clean.write(line)
 
 
+def generated_logs(folder: Path, lines: int, distinct: int) -> tuple[Path, Path]:
+    """The log and its parsable copy for these settings in ``folder``, written unless already there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log, parsable = folder / f"log-{lines}-{distinct}.jsonl", folder / f"parsable-{lines}-{distinct}.jsonl"
+    if not (log.exists() and parsable.exists()):
+        partial = [path.with_suffix(".partial") for path in (log, parsable)]
+        write_log(*partial, lines, distinct)
+        partial[1].replace(parsable), partial[0].replace(log)
+    return log, parsable
+
+
 def timed(command: list[str], cwd: Path) -> tuple[float, float, str]:
     """Seconds, peak RSS (MiB) and stdout of one process, run in ``cwd`` (not the checkout: ``-m`` would
     find its ``querycache`` folder before the installed package)."""
@@ -92,11 +104,11 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--distinct", type=int, default=200_000)
     parser.add_argument("--baseline", help="A Python interpreter with another querycache installed.")
+    parser.add_argument("--keep", type=Path, help="Keep the generated logs in this folder and use them again.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="qc-input-half-") as name:
         tmp = Path(name)
-        log, parsable = tmp / "log.jsonl", tmp / "parsable.jsonl"
-        write_log(log, parsable, args.lines, args.distinct)
+        log, parsable = generated_logs(args.keep or tmp, args.lines, args.distinct)
         megabytes = log.stat().st_size / 1e6
         fields = ["--count-field", "count", "--user-field", "user", "--quiet", "--json"]
         build = ["build", "--logs", str(log), "--out", str(tmp / "root"), "--top-k", "1000", *fields]
