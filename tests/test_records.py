@@ -594,3 +594,26 @@ def test_numeric_ids_labels_times_and_text_counts_stay_column_wise(good, monkeyp
     items = list(parse_stream("f.jsonl", io.BytesIO(data), WINDOW))
     assert len(items) == 200 and all(type(item) is tuple for item in items)
     assert len(by_line) <= records._PER_LINE  # the last few lines, a range too short for Arrow
+
+
+def test_queries_of_other_types_cost_one_failed_read(monkeypatch):
+    """After a read fails on a query that is not a string, blocks are searched for such queries first:
+    a log with one every 50 lines fails a single read, and each line ends as the line reader says."""
+    failed = []
+    reader = records._JsonReader.__call__
+
+    def read(self, chunk):
+        try:
+            return reader(self, chunk)
+        except pa.ArrowInvalid:
+            failed.append(chunk)
+            raise
+
+    monkeypatch.setattr(records._JsonReader, "__call__", read)
+    monkeypatch.setattr(records, "BLOCK", 8000)  # blocks of ~85 lines: each holds one
+    bad = [b'{"query":42,"user":"u","count":1}', b'{"query" : ["a"],"user":"u","count":1}', b'{"query":true}']
+    lines = [bad[i // 50 % 3] if i % 50 == 7 else GOOD for i in range(600)]
+    data = b"\n".join(lines) + b"\n"
+    fields = LogFields(count="count", user="user")
+    assert list(parse_stream("f.jsonl", io.BytesIO(data), fields)) == _line_by_line(data, fields)
+    assert len(failed) == 1

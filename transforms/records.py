@@ -365,9 +365,11 @@ class _JsonReader:
     Logs differ: user ids, labels and epoch times are often numbers, counts sometimes strings. A block
     that Arrow refuses because such a field "changed from string to number" (or back) in its first row
     is read again with that field as the other type, and the next blocks start from it: a log of
-    numeric user ids stays column-wise. The contract takes them as the line reader does (``str`` of an integer, counts
-    from text by ``_weight``); what neither type holds (a float id, a mix within a block) is refused
-    and narrowed down to its lines as before.
+    numeric user ids stays column-wise. The contract takes them as the line reader does (``str`` of an
+    integer, counts from text by ``_weight``); what neither type holds (a float id, a mix within a
+    block) is refused and narrowed down to its lines as before. A query must be a string: once a read
+    fails on one that is not, each block is searched for such queries before Arrow reads it (their
+    lines go to the line reader), for as long as blocks have them.
     """
 
     _OTHER = {"string": ("number", pa.int64()), "number": ("string", pa.string())}
@@ -383,6 +385,20 @@ class _JsonReader:
         switchable = [name for name in (fields.user, fields.label, fields.time, fields.count) if name]
         pointer = {name: name.replace("~", "~0").replace("/", "~1") for name in switchable}
         self._changes = {f"Column(/{pointer[name]}) changed from ": name for name in switchable}
+        query = fields.query.replace("~", "~0").replace("/", "~1")
+        self._query_changed = f"Column(/{query}) changed from "
+        self._mistyped = re.compile(
+            re.escape(json.dumps(fields.query, ensure_ascii=False).encode()) + rb'\s*:\s*[^"n\s]'
+        )
+        self.search = False
+
+    def refused_query(self, error: str) -> bool:
+        """Whether a read failed on a query that is not a string."""
+        return self._query_changed in error
+
+    def mistyped(self, block: bytes) -> list[int]:
+        """Where in ``block`` a query's value is not a string (or null): the start of each such field."""
+        return [match.start() for match in self._mistyped.finditer(block)]
 
     def __call__(self, chunk: bytes) -> pa.Table:
         for _ in range(len(self._changes) + 1):
@@ -614,7 +630,7 @@ def _line_bounds(block: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return data, np.concatenate(([0], ends[:-1] + 1)), ends
 
 
-def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read: Callable) -> tuple[list, int]:
+def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read: _JsonReader) -> tuple[list, int]:
     """The items of the lines of ``block`` (line ``first`` onwards), and their number of lines.
 
     Items are records and rejections of the lines read one by one, and a table of the records Arrow
@@ -628,6 +644,9 @@ def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read:
     for i in np.flatnonzero(ends - starts >= _DEEP).tolist():  # only a line this long can be this deep
         line = block[starts[i] : ends[i]]
         suspect[i] |= line.count(b"[") + line.count(b"{") >= _DEEP
+    searched = read.search
+    if searched:
+        read.search = _mark(suspect, ends, read.mistyped(block))
     items: list = [None] * len(ends)
     budget = 8 * len(block)  # bytes Arrow may be given (it reads ~8x faster) before the rest goes line by line
     todo = [(0, len(ends))]
@@ -649,6 +668,10 @@ def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read:
             try:
                 table = read(chunk)
             except pa.ArrowInvalid as err:  # the row it names is the line at fault, or just after it
+                if not searched and read.refused_query(str(err)):  # find this block's other ones first
+                    searched = read.search = _mark(suspect, ends, read.mistyped(block))
+                    todo.append((a, b))
+                    continue
                 row = _ARROW_ROW.search(str(err))
                 culprit = a + int(row.group(1)) if row and int(row.group(1)) < b - a else None
         if table is not None and table.num_rows == b - a:
@@ -659,6 +682,12 @@ def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read:
             middle = (a + b) // 2
             todo += [(middle, b), (a, middle)]
     return [item for item in items if item is not None], len(ends)
+
+
+def _mark(suspect: np.ndarray, ends: np.ndarray, offsets: list[int]) -> bool:
+    """Mark the lines holding these byte offsets as suspect; whether there were any."""
+    suspect[np.searchsorted(ends, offsets)] = True
+    return bool(offsets)
 
 
 def _first_bad_line(chunk: bytes, offset: int, ends) -> int | None:
