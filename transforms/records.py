@@ -182,8 +182,8 @@ def parse_tables(
     source: str, stream: IO[bytes], fields: LogFields, batch: int = 4096, header: bytes | None = None
 ) -> Iterator[pa.Table | dict]:
     """Tables of records (up to ``batch`` rows from a line-by-line read; a block's or a batch's from the
-    column-wise readers of JSONL, text and Parquet) and
-    rejections of one file; the lines of a table and the rejections before it come in line order.
+    column-wise readers of JSONL, text and Parquet) and rejections of one file, block by block: the
+    lines of each table carry their numbers (``line``), and a block's rejections come before its table.
 
     ``header`` says that ``stream`` is a later part of its file (whole lines from further on, see
     :func:`splittable`): it is the file's first line (a CSV/TSV header; ``b""`` for other formats), and
@@ -633,8 +633,8 @@ def _line_bounds(block: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read: _JsonReader) -> tuple[list, int]:
     """The items of the lines of ``block`` (line ``first`` onwards), and their number of lines.
 
-    Items are records and rejections of the lines read one by one, and a table of the records Arrow
-    read; each is placed at its first line, so a sort by line keeps line order between them.
+    Items are records and rejections of the lines read one by one, then one table of the records
+    Arrow read (its rows in line order, each with its line number).
     """
     data, starts, ends = _line_bounds(block)
     last = np.maximum(ends - 1, 0)
@@ -681,7 +681,11 @@ def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read:
         else:
             middle = (a + b) // 2
             todo += [(middle, b), (a, middle)]
-    return [item for item in items if item is not None], len(ends)
+    items = [item for item in items if item is not None]
+    tables = [item for item in items if type(item) is pa.Table]
+    if len(tables) > 1:  # one table a block: every table costs each step downstream its own calls
+        items = [item for item in items if type(item) is not pa.Table] + [pa.concat_tables(tables)]
+    return items, len(ends)
 
 
 def _mark(suspect: np.ndarray, ends: np.ndarray, offsets: list[int]) -> bool:
