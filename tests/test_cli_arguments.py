@@ -94,3 +94,26 @@ def test_the_command_exits_with_its_status_and_all_its_output(tmp_path):
     assert refused.returncode == 2 and "matches no non-empty file" in refused.stderr
     version = run("--version")
     assert version.returncode == 0 and version.stdout.rstrip().endswith("nfkc-casefold-collapse v1")
+
+
+@pytest.mark.parametrize(
+    ("env", "fail", "skipped", "status"), [("1", False, True, 0), ("1", True, False, 1), ("", False, False, 0)]
+)
+def test_local_workers_skip_the_teardown_unless_they_fail(tmp_path, env, fail, skipped, status):
+    """A worker process of --runner multiprocess ends at its exit handlers' start (os._exit), unless an
+    exception ended it; a process that is no such worker (no mark from the preset) exits as usual."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "teardown-ran"
+    code = f"""
+import atexit, sys, types
+atexit.register(lambda: open({str(marker)!r}, "w").close())  # runs last: only if nothing ends the exit first
+sys.modules["__main__"].__spec__ = types.SimpleNamespace(name="apache_beam.runners.worker.sdk_worker_main")
+from querycache.transforms.worker_exit import exit_quickly
+exit_quickly()
+if {fail}:
+    raise RuntimeError("the harness failed")
+"""
+    done = subprocess.run([sys.executable, "-c", code], env=os.environ | {"QUERYCACHE_LOCAL_WORKERS": env}, timeout=60)
+    assert done.returncode == status and marker.exists() is not skipped
