@@ -477,8 +477,9 @@ def _parse_csv_blocks(
     source: str, stream: IO[bytes], fields: LogFields, delimiter: str, header_line: bytes | None = None
 ) -> Iterator:
     """CSV or TSV: the header line, then blocks of lines. The plain lines of a block (as many
-    delimiters as the header, no quote, carriage return or NUL) are read by ``pyarrow.csv`` with quoting
-    off, which splits them as Python's ``csv`` does, and checked column-wise; every other line (and every
+    delimiters outside quotes as the header, quotes only around whole cells with ``""`` for a quote
+    inside, no other carriage return, no NUL) are read by ``pyarrow.csv``, which splits them as
+    Python's ``csv`` does, and checked column-wise; every other line (and every
     line of a file whose header lacks a named field, names one twice or has one column) by
     :func:`_parse_line`. Each line gives one record (in a table) or one rejection. A later part of a
     file comes with its file's ``header_line``."""
@@ -495,7 +496,7 @@ def _parse_csv_blocks(
 
     options = (
         pcsv.ReadOptions(column_names=header, use_threads=False),
-        pcsv.ParseOptions(delimiter=delimiter, quote_char=False, escape_char=False, ignore_empty_lines=False),
+        pcsv.ParseOptions(delimiter=delimiter, double_quote=True, escape_char=False, ignore_empty_lines=False),
         pcsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()), include_columns=names),
     )
 
@@ -515,9 +516,13 @@ def _csv_block(source, block, first, fields, header, delimiter, options) -> tupl
         return np.add.reduceat(mask.astype(np.int64), starts)
 
     trail = ((ends > starts) & (data[np.maximum(ends - 1, 0)] == 13)).astype(np.int64)  # a CR before the break
+    delimiters, quoting = data == ord(delimiter), np.ones(len(ends), bool)
+    if b'"' in block:  # delimiters inside quotes are text; quotes must wrap whole fields
+        delimiters, quoting = _quoted(data, starts, ends, delimiters, ord(delimiter))
     plain = (
-        (per_line(data == ord(delimiter)) == len(header) - 1)
-        & (per_line((data == 34) | (data == 0)) == 0)  # no quote, no NUL
+        (per_line(delimiters) == len(header) - 1)
+        & quoting
+        & (per_line(data == 0) == 0)  # no NUL
         & (per_line(data == 13) == trail)  # no other CR
         & (per_line((data > 32) & (data < 127)) > 0)  # a visible ASCII character: not a blank line
     )
@@ -539,6 +544,28 @@ def _csv_block(source, block, first, fields, header, delimiter, options) -> tupl
         records = records.set_column(3, "line", pa.array(rows + first, pa.int64()))
         _place(source, block, starts, ends, rows, first, records, reason, items)
     return [item for item in items if item is not None], len(ends)
+
+
+def _quoted(data, starts, ends, delimiters, delimiter: int) -> tuple[np.ndarray, np.ndarray]:
+    """The delimiters of a block outside quotes, and per line whether its quotes only wrap whole fields
+    (``"..."``, a quote inside written ``""``): the quoting in which Python's ``csv`` (strict) and
+    ``pyarrow.csv`` read the same cells."""
+    line = np.repeat(np.arange(len(ends), dtype=np.int32), ends - starts + 1)[: len(data)]
+    quote = data == 34
+    counted = np.cumsum(quote, dtype=np.int32)
+    inside = (counted - quote - (counted[starts] - quote[starts])[line]) & 1  # within quotes, before each byte
+    at = np.flatnonzero(quote)
+    before, after, edge = np.maximum(at - 1, 0), np.minimum(at + 1, len(data) - 1), ends[line[at]]
+    first = at == starts[line[at]]
+    escaped = quote[before] & ~first  # the second quote of a "" (the one before it was inside quotes)
+    opens = (inside[at] == 0) & (first | (data[before] == delimiter) | escaped)
+    closing = (
+        (at + 1 >= edge) | (data[after] == delimiter) | (data[after] == 34) | ((data[after] == 13) & (at + 2 >= edge))
+    )
+    good = np.ones(len(ends), bool)
+    np.logical_and.at(good, line[at], opens | ((inside[at] == 1) & closing))
+    good &= np.bincount(line[at], minlength=len(ends)) % 2 == 0  # every quoted field closed
+    return delimiters & (inside == 0), good
 
 
 def _typed_counts(table: pa.Table, fields: LogFields) -> pa.Table:
