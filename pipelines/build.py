@@ -37,7 +37,7 @@ from querycache.transforms.count import CountQueries
 from querycache.transforms.infer import ReuseOrInfer, share_engine
 from querycache.transforms.model_stage import ShippedModel, ship_model
 from querycache.transforms.normalize import NormalizeQueries
-from querycache.transforms.read_logs import UNMATCHED, FileLineNumbers, ReadQueryLogs, Truncations
+from querycache.transforms.read_logs import UNMATCHED, FileLineNumbers, ReadQueryLogs, Truncations, lines_read
 from querycache.transforms.records import LogFields
 from querycache.transforms.select_head import SelectHead
 from querycache.transforms.selection import Selection
@@ -85,7 +85,7 @@ def build_pipeline(
     """The data path of ../shared/DESIGN.md, one composite transform per arrow."""
     template = model.config.template if model.config.task == "fill-mask" else None
     records, unreadable, parts = p | "ReadQueryLogs" >> ReadQueryLogs(list(options.logs), options.fields)
-    lines = parts | "LinesRead" >> beam.MapTuple(lambda source, start, lines: lines)
+    lines = lines_read(parts)
     keys, invalid = records | "NormalizeQueries" >> NormalizeQueries(options.max_query_chars, template)
     counts = keys | "CountQueries" >> CountQueries(users=options.fields.user is not None)
     head, plan, dropped = counts | "SelectHead" >> SelectHead(options.selection, options.min_users, options.scrub_pii)

@@ -26,7 +26,7 @@ from querycache.training import Example, Step, TrainConfig, train
 from querycache.training.checkpoint import Checkpoint
 from querycache.transforms.count import CountQueries
 from querycache.transforms.normalize import NormalizeQueries
-from querycache.transforms.read_logs import ReadQueryLogs, Truncations
+from querycache.transforms.read_logs import ReadQueryLogs, Truncations, lines_read
 from querycache.transforms.records import LogFields
 from querycache.transforms.select_head import SelectHead
 from querycache.transforms.selection import Selection
@@ -93,7 +93,7 @@ def prepare_pipeline(p: beam.Pipeline, options: FinetuneOptions, data_dir: str) 
     """The input half of the build's data path, writing examples and statistics into ``data_dir``."""
     labelled = options.fields.label is not None
     records, unreadable, parts = p | "ReadQueryLogs" >> ReadQueryLogs(list(options.logs), options.fields)
-    lines = parts | "LinesRead" >> beam.MapTuple(lambda source, start, lines: lines)
+    lines = lines_read(parts)
     keys, invalid = records | "NormalizeQueries" >> NormalizeQueries(options.max_query_chars)
     users = options.fields.user is not None
     counts = keys | "CountQueries" >> CountQueries(users)

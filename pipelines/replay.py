@@ -30,7 +30,7 @@ from querycache.pipelines.checks import BuildError, check_accepted, check_logs
 from querycache.pipelines.snapshot_files import SnapshotFiles, locate_snapshot
 from querycache.transforms.count import CountQueries
 from querycache.transforms.normalize import NormalizeQueries
-from querycache.transforms.read_logs import ReadQueryLogs, Truncations
+from querycache.transforms.read_logs import ReadQueryLogs, Truncations, lines_read
 from querycache.transforms.records import LogFields
 from querycache.transforms.replay import (
     TOPS,
@@ -96,7 +96,7 @@ def replay_pipeline(p: beam.Pipeline, options: ReplayOptions, plan: Plan, out: s
     model = plan.snapshot.manifest["model"]
     template = model.get("template") if plan.snapshot.manifest["task"] == "fill-mask" else None
     records, unreadable, parts = p | "ReadQueryLogs" >> ReadQueryLogs(list(options.logs), options.fields)
-    lines = parts | "LinesRead" >> beam.MapTuple(lambda source, start, lines: lines)
+    lines = lines_read(parts)
     keys, invalid = records | "NormalizeQueries" >> NormalizeQueries(build.get("max_query_chars", 512), template)
     counts = keys | "CountQueries" >> CountQueries(users=options.fields.user is not None)
     stored = p | "ReadSnapshotKeys" >> ReadSnapshotKeys(plan.snapshot.parquet)

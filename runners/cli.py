@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import logging
-import os
 import sys
 import threading
 from pathlib import Path
@@ -25,6 +23,7 @@ from querycache.runners.common import (
 from querycache.runners.inputs import check_inputs, head_selection, input_options, log_fields
 from querycache.runners.progress import progress_display
 from querycache.store import SnapshotError
+from querycache.transforms.process_exit import exit_now
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -229,10 +228,10 @@ for command in (
 def entry() -> None:
     """The ``querycache`` command: :func:`main`, then an exit without the interpreter's teardown.
 
-    A finished command leaves nothing for the teardown of torch, transformers and Beam to do but free
-    memory the process is about to give back (~1.1 s after every build). So the exit does what a normal
-    one does for the outside world (waits for threads, runs exit handlers, flushes logs and output)
-    and ends the process with the command's status. An exception other than an exit propagates as usual.
+    The exit does what a normal one does for the outside world (waits for threads, runs exit
+    handlers, flushes logs and output) and ends the process with the command's status, without the
+    ~1.1 s teardown of torch, transformers and Beam (:mod:`transforms.process_exit`). An exception
+    other than an exit propagates as usual.
     """
     try:
         main(prog_name="querycache")
@@ -244,13 +243,7 @@ def entry() -> None:
         code = 1
     threading._shutdown()  # noqa: SLF001 - what Py_Finalize does first: join non-daemon threads
     atexit._run_exitfuncs()  # noqa: SLF001
-    logging.shutdown()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except OSError:  # a closed pipe: Python's own exit says 120
-        code = code or 120
-    os._exit(code or 0)
+    exit_now(code or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from querycache.transforms.worker_exit import LOCAL_WORKERS
+from querycache.transforms.process_exit import LOCAL_WORKERS
 
 PRESETS: dict[str, list[str]] = {
     # In-process portable runner: what the DirectRunner falls back to, pinned so it never fetches Prism.
@@ -44,7 +44,7 @@ def beam_args(runner: str, extra: list[str], quiet: bool = False) -> list[str]:
     if options.get("direct_running_mode") == "multi_processing":
         workers = int(options.get("direct_num_workers", "1") or 1)
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(workers, 1))))
-        os.environ[LOCAL_WORKERS] = "1"  # they skip the interpreter's teardown (transforms/worker_exit.py)
+        os.environ[LOCAL_WORKERS] = "1"  # they skip the interpreter's teardown (transforms/process_exit.py)
         levels = {"querycache": "WARNING" if quiet else "INFO"}
         worker_log = [
             "--default_sdk_harness_log_level=WARNING",

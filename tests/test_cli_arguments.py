@@ -110,8 +110,8 @@ def test_local_workers_skip_the_teardown_unless_they_fail(tmp_path, env, fail, s
 import atexit, sys, types
 atexit.register(lambda: open({str(marker)!r}, "w").close())  # runs last: only if nothing ends the exit first
 sys.modules["__main__"].__spec__ = types.SimpleNamespace(name="apache_beam.runners.worker.sdk_worker_main")
-from querycache.transforms.worker_exit import exit_quickly
-exit_quickly()
+from querycache.transforms.process_exit import exit_workers_quickly
+exit_workers_quickly()
 if {fail}:
     raise RuntimeError("the harness failed")
 """

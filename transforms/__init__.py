@@ -1,5 +1,5 @@
 """Transforms of querycache's build pipeline."""
 
-from querycache.transforms.worker_exit import exit_quickly
+from querycache.transforms.process_exit import exit_workers_quickly
 
-exit_quickly()  # a no-op but in a worker process of --runner multiprocess, which imports this with a DoFn
+exit_workers_quickly()  # a no-op but in a worker process of --runner multiprocess, which imports this with a DoFn

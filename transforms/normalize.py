@@ -63,7 +63,7 @@ def check_column(
             if reasons[i] is None and not has_mask(template, key):
                 reasons[i] = "no_mask"
         keys, reasons = pa.array(keys, pa.string()), pa.array(reasons, pa.string())
-    if not reasons.null_count < len(reasons):  # every query usable: no reason to spread over the rows
+    if reasons.null_count == len(reasons):  # every query usable: no reason to spread over the rows
         return pc.take(keys, encoded.indices), pa.nulls(len(queries), pa.string())
     keys = pc.if_else(reasons.is_null(), keys, pa.scalar(None, pa.string()))
     return pc.take(keys, encoded.indices), pc.take(reasons, encoded.indices)

@@ -163,6 +163,11 @@ def _parts(file: tuple[bytes, int], fields: LogFields, part_bytes: int) -> Itera
     yield from ((path, start, end) for start, end in zip(bounds, [*bounds[1:], None]))
 
 
+def lines_read(parts):
+    """The lines of each part (the ``lines`` output of :class:`ReadQueryLogs`), for a sum."""
+    return parts | "LinesRead" >> beam.MapTuple(lambda source, start, lines: lines)
+
+
 class FileLineNumbers(beam.PTransform):
     """``rejected | FileLineNumbers(lines)``: dead letters numbered by their line in the file.
 

@@ -383,14 +383,17 @@ class _JsonReader:
         self.types.pop(None, None)
         self.names = _named(fields)
         switchable = [name for name in (fields.user, fields.label, fields.time, fields.count) if name]
-        pointer = {name: name.replace("~", "~0").replace("/", "~1") for name in switchable}
-        self._changes = {f"Column(/{pointer[name]}) changed from ": name for name in switchable}
-        query = fields.query.replace("~", "~0").replace("/", "~1")
-        self._query_changed = f"Column(/{query}) changed from "
+        self._changes = {_changed(name): name for name in switchable}
+        self._query_changed = _changed(fields.query)
         self._mistyped = re.compile(
             re.escape(json.dumps(fields.query, ensure_ascii=False).encode()) + rb'\s*:\s*[^"n\s]'
         )
         self.search = False
+        self._options = self._parse_options()
+
+    def _parse_options(self):
+        schema = pa.schema([(name, self.types[name]) for name in self.names])
+        return self._pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
 
     def refused_query(self, error: str) -> bool:
         """Whether a read failed on a query that is not a string."""
@@ -401,12 +404,10 @@ class _JsonReader:
         return [match.start() for match in self._mistyped.finditer(block)]
 
     def __call__(self, chunk: bytes) -> pa.Table:
+        block = self._pj.ReadOptions(use_threads=False, block_size=len(chunk) + 1)
         for _ in range(len(self._changes) + 1):
-            schema = pa.schema([(name, self.types[name]) for name in self.names])
-            options = self._pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
-            block = self._pj.ReadOptions(use_threads=False, block_size=len(chunk) + 1)
             try:
-                return self._pj.read_json(io.BytesIO(chunk), read_options=block, parse_options=options)
+                return self._pj.read_json(io.BytesIO(chunk), read_options=block, parse_options=self._options)
             except pa.ArrowInvalid as err:
                 if not self._switched(str(err)):
                     raise
@@ -424,8 +425,14 @@ class _JsonReader:
                 other, to = self._OTHER[kind]
                 if f"{prefix}{kind} to {other}" in error:
                     self.types[name] = to
+                    self._options = self._parse_options()
                     return True
         return False
+
+
+def _changed(name: str) -> str:
+    """How Arrow's error begins when the JSON field ``name`` holds another type than its column's."""
+    return f"Column(/{name.replace('~', '~0').replace('/', '~1')}) changed from "
 
 
 def _one_ahead(blocks: Iterator[bytes], work: Callable[[bytes, int], tuple[list, int]]) -> Iterator:
