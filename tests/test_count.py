@@ -13,7 +13,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from querycache.transforms.count import CountQueries, count_rows, fnv1a, fnv1a_column, partition_of
+from querycache.transforms.count import CountQueries, _PartialCounts, count_rows, fnv1a, fnv1a_column, partition_of
 
 KEYS = ["hotels in rome", "café", "東京 天気", "a", "x" * 600, "emoji 🙂"]
 
@@ -41,14 +41,22 @@ def test_the_column_hash_is_the_plain_hash_of_each_string(texts, skip, chunks):
     assert fnv1a_column(chunked).to_pylist() == expected
 
 
-@pytest.mark.parametrize(("users", "partitions"), [(True, 1), (True, 7), (False, 256)])
-def test_counts_and_users_are_exact_across_tables_and_partitions(users, partitions):
+@pytest.mark.parametrize(
+    ("users", "partitions", "flush"), [(True, 1, None), (True, 7, 500), (False, 256, None), (False, 5, 300)]
+)
+def test_counts_and_users_are_exact_across_tables_and_partitions(monkeypatch, users, partitions, flush):
+    """With ``flush``, each bundle is reduced every few tables: a partition merges many partial sums."""
+    if flush:
+        monkeypatch.setattr(_PartialCounts, "FLUSH", flush)
     rng = random.Random(partitions)
-    records = [(rng.choice(KEYS), rng.randint(1, 5), f"u{rng.randint(1, 40)}") for _ in range(3_000)]
+    keys = KEYS + [f"query {i}" for i in range(60)]  # partitions of several keys
+    records = [
+        (rng.choice(keys), rng.randint(1, 5), rng.choice([None, *(f"u{i}" for i in range(40))])) for _ in range(3_000)
+    ]
     counts, seen = Counter(), defaultdict(set)
     for key, weight, user in records:
         counts[key] += weight
-        seen[key].add(user)
+        seen[key].update([user] if user is not None else [])  # a record without a user is nobody's
     expected = [(key, counts[key], len(seen[key]) if users else None) for key in counts]
     tables = [
         pa.table(list(zip(*records[i : i + 250])), names=["key", "weight", "user"]) for i in range(0, len(records), 250)

@@ -68,19 +68,15 @@ def from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(data).read_all()
 
 
-def _sums(table: pa.Table, users: bool) -> pa.Table:
-    """``key, weight`` (or ``key, user, weight`` with users) summed per key (or per key and user)."""
-    by = ["key", "user"] if users else ["key"]
-    return table.group_by(by, use_threads=False).aggregate([("weight", "sum")]).rename_columns([*by, "weight"])
-
-
 class _PartialCounts(beam.DoFn):
-    """Per bundle, the sums of its keys as ``(partition, Arrow IPC bytes)``: at most ``partitions`` per flush.
+    """Per bundle, the sums of its keys as ``(partition, (weights, users))``: at most ``partitions`` per flush.
 
     The tables of ``key, weight, user`` are held until they have ``FLUSH`` rows (so memory stays
-    bounded), then summed at once per key (and per 64-bit FNV-1a hash of the user): the shuffle carries
-    one row per distinct key (or key and user) of each flush, in a few tables. A retried bundle starts
-    from nothing, so nothing is counted twice.
+    bounded), then reduced at once: the weight of each distinct key, and each distinct (key, user)
+    pair, users as 64-bit FNV-1a hashes. Both are Arrow IPC bytes: ``weights`` is ``key, weight``,
+    one row per key; ``users`` is ``index, user``, the index of the key's row in ``weights`` (empty
+    bytes without users). A pair carries no weight and no key text. A retried bundle starts from
+    nothing, so nothing is counted twice.
     """
 
     FLUSH = 1 << 19
@@ -93,9 +89,7 @@ class _PartialCounts(beam.DoFn):
         self._rows = 0
 
     def process(self, keys: pa.Table):
-        table = keys.select(["key", "weight"])
-        if self.users:
-            table = table.append_column("user", fnv1a_column(keys.column("user")))
+        table = keys.select(["key", "weight", "user"] if self.users else ["key", "weight"])
         self._parts.append(table)
         self._rows += table.num_rows
         if self._rows >= self.FLUSH:
@@ -106,10 +100,10 @@ class _PartialCounts(beam.DoFn):
             yield WindowedValue(item, MIN_TIMESTAMP, [GlobalWindow()])
 
     def _drain(self):
-        """The held rows summed, as one dictionary-encoded table per partition.
+        """The held rows reduced, as one ``(weights, users)`` pair of tables per partition.
 
         The distinct keys are hashed once each and ordered by partition, so a row's key is an index
-        into them: the sums group integers, and a partition's keys are one slice of the distinct ones.
+        into them: the sums and the pairs group integers, and a partition's keys are one slice.
         """
         if not self._parts:
             return
@@ -121,30 +115,67 @@ class _PartialCounts(beam.DoFn):
         rank = np.empty(len(order), np.int32)
         rank[order] = np.arange(len(order), dtype=np.int32)
         distinct, partition = encoded.dictionary.take(order), partition[order]
-        index = rank[encoded.indices.to_numpy(zero_copy_only=False)]
-        by = ["index", "user"] if self.users else ["index"]
-        columns = {"index": index, "weight": table.column("weight")} | {name: table.column(name) for name in by[1:]}
-        sums = pa.table(columns).group_by(by, use_threads=False).aggregate([("weight", "sum")])
-        sums = sums.take(pc.sort_indices(sums.column("index")))
-        rows = sums.column("index").to_numpy()
-        values = sums.select([*by[1:], "weight_sum"]).rename_columns([*by[1:], "weight"])
+        index = pa.array(rank[encoded.indices.to_numpy(zero_copy_only=False)])
+        sums = pa.table({"index": index, "weight": table.column("weight")})
+        sums = sums.group_by("index", use_threads=False).aggregate([("weight", "sum")])
+        weights = np.empty(len(distinct), np.int64)  # every distinct key has a row: a weight per index
+        weights[sums.column("index").to_numpy()] = sums.column("weight_sum").to_numpy()
+        part = pa.table({"key": distinct, "weight": weights})
         starts = np.flatnonzero(np.r_[True, np.diff(partition) != 0])  # each partition's first distinct key
-        for first, last in zip(starts, [*starts[1:], len(partition)]):
-            a, b = np.searchsorted(rows, [first, last])
-            keys = pa.DictionaryArray.from_arrays(pa.array(rows[a:b] - first, pa.int32()), distinct[first:last])
-            yield int(partition[first]), to_ipc(values.slice(a, b - a).add_column(0, "key", keys))
+        ends = np.r_[starts[1:], len(partition)]
+        if self.users:
+            rows, user = self._pairs(index.to_numpy(), table.column("user").combine_chunks())
+            local = rows - starts[np.searchsorted(starts, rows, side="right") - 1]  # the index in its partition
+            pairs = pa.table({"index": pa.array(local, pa.int32()), "user": user})
+            bounds = np.searchsorted(rows, ends)  # where each partition's pairs end
+        for i, (first, last) in enumerate(zip(starts, ends)):
+            users = b""
+            if self.users:
+                a = bounds[i - 1] if i else 0
+                users = to_ipc(pairs.slice(a, bounds[i] - a))
+            yield int(partition[first]), (to_ipc(part.slice(first, last - first)), users)
+
+    @staticmethod
+    def _pairs(index: np.ndarray, users: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct (key index, user hash) pairs of the rows, ordered by key index; a row without a
+        user is no pair. Users are hashed once each, and a pair is one integer while they are made distinct."""
+        if users.null_count:
+            valid = pc.is_valid(users).to_numpy(zero_copy_only=False)
+            index, users = index[valid], users.filter(valid)
+        encoded = pc.dictionary_encode(users)
+        count = max(len(encoded.dictionary), 1)
+        pairs = np.sort(pc.unique(index.astype(np.int64) * count + encoded.indices.to_numpy()).to_numpy())
+        return pairs // count, fnv1a_column(encoded.dictionary).to_numpy()[pairs % count]
 
 
 def _merge(partition: int, parts, users: bool = False) -> Iterator[pa.Table]:
-    """One partition's partial sums -> one table of ``key, count, users`` (distinct users, or null)."""
-    tables = [from_ipc(part) for part in parts]
-    tables = [table.set_column(0, "key", table.column("key").cast(pa.string())) for table in tables]
-    sums = _sums(pa.concat_tables(tables), users)
-    if users:  # one row per key and user: their number is the key's distinct users
-        sums = sums.group_by("key", use_threads=False).aggregate([("weight", "sum"), ("user", "count")])
-        yield pa.table([sums["key"], sums["weight_sum"], sums["user_count"]], names=COUNTS)
-    else:
-        yield pa.table([sums["key"], sums["weight"], pa.nulls(sums.num_rows, pa.int64())], names=COUNTS)
+    """One partition's partial sums -> one table of ``key, count, users`` (distinct users, or null).
+
+    The keys of all parts are numbered once (a dictionary over them); sums and distinct pairs are
+    then grouped by those integers, never by the key text.
+    """
+    weights, pairs = [], []
+    for weight_bytes, user_bytes in parts:
+        weights.append(from_ipc(weight_bytes))
+        pairs.append(from_ipc(user_bytes) if users else None)
+    table = pa.concat_tables(weights)
+    encoded = pc.dictionary_encode(table.column("key").combine_chunks())
+    ids = encoded.indices.to_numpy(zero_copy_only=False)
+    keys = encoded.dictionary
+    sums = pa.table({"id": ids, "weight": table.column("weight")})
+    sums = sums.group_by("id", use_threads=False).aggregate([("weight", "sum")])
+    counts = np.empty(len(keys), np.int64)
+    counts[sums.column("id").to_numpy()] = sums.column("weight_sum").to_numpy()
+    distinct_users = None
+    if users:
+        offsets = np.cumsum([0, *(w.num_rows for w in weights)])
+        numbered = [p.set_column(0, "id", pa.array(ids[at + p["index"].to_numpy()])) for at, p in zip(offsets, pairs)]
+        seen = pa.concat_tables(numbered).group_by(["id", "user"], use_threads=False).aggregate([])
+        distinct_users = np.bincount(seen.column("id").to_numpy(), minlength=len(keys))
+    yield pa.table(
+        [keys, pa.array(counts), pa.array(distinct_users, pa.int64()) if users else pa.nulls(len(keys), pa.int64())],
+        names=COUNTS,
+    )
 
 
 def count_rows(counts: pa.Table) -> Iterator[tuple[str, int, int | None]]:
@@ -155,11 +186,13 @@ def count_rows(counts: pa.Table) -> Iterator[tuple[str, int, int | None]]:
 class CountQueries(beam.PTransform):
     """Sum weights per key and, with ``users=True``, count distinct users per key.
 
-    Input: tables of ``key, weight, user``. Each worker sums its tables per key and sends the sums to
-    the partition that owns each key (a stable hash of the key): the shuffle carries a few tables per
-    bundle, and each partition is merged on one worker, so no worker sees all keys or all (key, user)
-    pairs. Users are hashed (64-bit FNV-1a) first. Output: one table of ``key, count, users`` per
-    partition that has keys (``users`` null without users; :func:`count_rows` reads it as rows).
+    Input: tables of ``key, weight, user``. Each worker sums its tables per key, makes their (key, user)
+    pairs distinct, and sends both to the partition that owns each key (a stable hash of the key): the
+    shuffle carries a few tables per bundle, and each partition is merged on one worker, so no worker
+    sees all keys or all (key, user) pairs. Users are hashed (64-bit FNV-1a) before they leave the
+    worker; a record without a user adds to its key's count, not to its users. Output: one table of
+    ``key, count, users`` per partition that has keys (``users`` null without users; :func:`count_rows`
+    reads it as rows).
     """
 
     def __init__(self, users: bool = False, partitions: int = PARTITIONS):
