@@ -656,3 +656,19 @@ def test_quoted_csv_stays_column_wise(name, monkeypatch):
     items = list(parse_stream(name, io.BytesIO(data), fields))
     assert not by_line and len(items) == 100 and items[0][0] == swap(b'say "hi", all').decode()
     assert items == _csv_line_by_line(name, data, fields)
+
+
+# a surrogate, an overlong "/", past U+10FFFF, a cut-short sequence, fine text, a byte UTF-8 never uses
+EDGES = [b"\xed\xa0\x80", b"\xc0\xaf", b"\xf4\x90\x80\x80", b"\xe2\x82", "é東🙂".encode(), b"\xff"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=8) | st.sampled_from(EDGES) | st.text(max_size=8).map(str.encode), max_size=12))
+def test_a_block_is_utf8_for_arrow_exactly_when_python_decodes_it(pieces):
+    data = b"".join(pieces)
+    try:
+        data.decode("utf-8")
+        decodes = True
+    except UnicodeDecodeError:
+        decodes = False
+    assert records._valid_utf8(data) is decodes

@@ -678,6 +678,7 @@ def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read:
     for i in np.flatnonzero(ends - starts >= _DEEP).tolist():  # only a line this long can be this deep
         line = block[starts[i] : ends[i]]
         suspect[i] |= line.count(b"[") + line.count(b"{") >= _DEEP
+    utf8 = _valid_utf8(block)  # then no range of it needs checking
     searched = read.search
     if searched:
         read.search = _mark(suspect, ends, read.mistyped(block))
@@ -696,7 +697,7 @@ def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read:
             continue
         budget -= len(chunk)
         unfit = np.flatnonzero(suspect[a:b])
-        culprit = a + int(unfit[0]) if unfit.size else _first_bad_line(chunk, starts[a], ends)
+        culprit = a + int(unfit[0]) if unfit.size else None if utf8 else _first_bad_line(chunk, starts[a], ends)
         table = None
         if culprit is None:
             try:
@@ -726,6 +727,19 @@ def _mark(suspect: np.ndarray, ends: np.ndarray, offsets: list[int]) -> bool:
     """Mark the lines holding these byte offsets as suspect; whether there were any."""
     suspect[np.searchsorted(ends, offsets)] = True
     return bool(offsets)
+
+
+def _valid_utf8(data: bytes) -> bool:
+    """Whether ``data`` is UTF-8, checked by Arrow in place (Python's decode makes a string of it)."""
+    if data.isascii():
+        return True
+    offsets = np.array([0, len(data)], np.int64)
+    text = pa.Array.from_buffers(pa.large_string(), 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    try:
+        text.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def _first_bad_line(chunk: bytes, offset: int, ends) -> int | None:
