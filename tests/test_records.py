@@ -8,6 +8,8 @@ import gzip
 import io
 from collections import Counter
 
+import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -672,3 +674,13 @@ def test_a_block_is_utf8_for_arrow_exactly_when_python_decodes_it(pieces):
     except UnicodeDecodeError:
         decodes = False
     assert records._valid_utf8(data) is decodes
+
+
+@pytest.mark.parametrize("name", ["query", "q.u(e)ry\\x", "Anfrage-ä", "a+b*c?[d]{e}^f$|g", "東京 q"])
+def test_the_search_for_queries_that_are_not_strings_takes_the_field_name_literally(name):
+    values = [5, "text", None, [1], {"a": 1}, True, "5"]
+    lines = [orjson.dumps({"other": "\xff", name: value}) for value in values] + [b'{"x": "\xff"}']
+    block = b"\n".join(lines) + b"\n"
+    starts = np.r_[0, np.flatnonzero(np.frombuffer(block, np.uint8) == 10)[:-1] + 1]
+    found = records._JsonReader(LogFields(query=name)).mistyped(block, starts)
+    assert found.tolist() == [True, False, False, True, True, True, False, False]
