@@ -5,12 +5,13 @@
 Writes a log of ``--lines`` records (query, user, count, ts; Zipf popularity, 10% upper case, 10%
 extra spaces, 5% full-width letters, 0.1% bad lines of five kinds), then runs, each as its own
 process: ``querycache build`` (weighted counts, distinct users, top 1,000 by count, then the model
-on that head), ``querycache replay`` of the same log against that snapshot, DuckDB and Polars doing
-the same query (read with a schema, lower case, spaces collapsed and trimmed, weighted sum,
-distinct users, top 1,000), and with ``--baseline`` the same build by another querycache install
-(its interpreter: an older commit's wheel). Prints seconds, lines/s, MB/s, the ratio to DuckDB
-and each process's peak RSS; ``--keep DIR`` keeps the generated logs there for the next run. DuckDB
-and Polars are for this benchmark only (``pip install duckdb polars``).
+on that head) on the in-process runner and with ``--runner multiprocess`` (a worker per core),
+``querycache replay`` of the same log against that snapshot, DuckDB and Polars doing the same query
+(read with a schema, lower case, spaces collapsed and trimmed, weighted sum, distinct users, top
+1,000), and with ``--baseline`` the same build by another querycache install (its interpreter: an
+older commit's wheel). Prints seconds, lines/s, MB/s, the ratio to DuckDB and each process's peak
+RSS; ``--keep DIR`` keeps the generated logs there for the next run. DuckDB and Polars are for this
+benchmark only (``pip install duckdb polars``).
 """
 
 from __future__ import annotations
@@ -111,17 +112,20 @@ def main() -> None:
         log, parsable = generated_logs(args.keep or tmp, args.lines, args.distinct)
         megabytes = log.stat().st_size / 1e6
         fields = ["--count-field", "count", "--user-field", "user", "--quiet", "--json"]
-        build = ["build", "--logs", str(log), "--out", str(tmp / "root"), "--top-k", "1000", *fields]
+
+        def build(root: str) -> list[str]:
+            return ["build", "--logs", str(log), "--out", str(tmp / root), "--top-k", "1000", *fields]
+
         qc = [sys.executable, "-m", "querycache"]
         runs = {
-            "querycache build": [*qc, *build],
+            "querycache build": [*qc, *build("root")],
+            "build multiprocess": [*qc, *build("mp-root"), "--runner", "multiprocess"],
             "querycache replay": [*qc, "replay", str(tmp / "root"), "--logs", str(log), *fields],
             "DuckDB": [sys.executable, "-c", DUCKDB, str(log)],
             "Polars (parsable)": [sys.executable, "-c", POLARS, str(parsable)],
         }
         if args.baseline:
-            baseline = [*build[:3], "--out", str(tmp / "baseline-root"), *build[5:]]
-            runs["baseline build"] = [args.baseline, "-m", "querycache", *baseline]
+            runs["baseline build"] = [args.baseline, "-m", "querycache", *build("baseline-root")]
         figures = {label: timed(command, tmp) for label, command in runs.items()}
     duckdb = figures["DuckDB"][0]
     print(f"{args.lines:,} lines, {megabytes:,.0f} MB, {os.cpu_count()} cores")
