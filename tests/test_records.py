@@ -644,6 +644,22 @@ def test_queries_of_other_types_cost_one_failed_read(monkeypatch):
     assert len(failed) == 1
 
 
+def test_a_block_with_odd_lines_is_one_read(monkeypatch):
+    """Lines Arrow is not given (malformed, blank, not an object, a query of another type) are read as
+    ``{}`` in their block's one read and left to the line reader: a UTF-8 block is one read."""
+    reads = []
+    reader = records._JsonReader.__call__
+    monkeypatch.setattr(records._JsonReader, "__call__", lambda self, chunk: reads.append(chunk) or reader(self, chunk))
+    monkeypatch.setattr(records, "BLOCK", 8000)  # blocks of ~85 lines
+    odd = [b"{broken", b"", b"  ", b"[1]", b'{"query":42,"user":"u","count":1}\r', b'{"query":"a"} x']
+    lines = [odd[i // 10 % len(odd)] if i % 10 == 3 else GOOD for i in range(600)]
+    data = b"\n".join(lines) + b"\n"
+    fields = LogFields(count="count", user="user")
+    assert list(parse_stream("f.jsonl", io.BytesIO(data), fields)) == _line_by_line(data, fields)
+    blocks = len(list(records._line_blocks(io.BytesIO(data), 8000)))
+    assert len(reads) <= blocks + 2  # a block read once; the first non-string query fails one read
+
+
 @pytest.mark.parametrize("name", ["f.csv", "f.tsv"])
 def test_quoted_csv_stays_column_wise(name, monkeypatch):
     """Cells in quotes (all of them, as many exporters write them; a quote inside doubled) are read by

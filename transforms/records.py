@@ -340,9 +340,10 @@ def _parse_jsonl_blocks(
 ) -> Iterator[Record | dict | pa.Table]:
     """JSONL read in blocks of whole lines by ``pyarrow.json`` with a schema of the named fields only.
 
-    Arrow is given only ranges of lines that each start with ``{``, hold valid UTF-8 and fewer than
-    ``_DEEP`` brackets (it skips blank lines without a row, reads any nesting where the line reader
-    stops at 1,024 levels, and pyarrow 25 crashes on a block that starts with ``null``). What it
+    Arrow is given only lines that each start with ``{``, end with ``}``, hold valid UTF-8 and fewer
+    than ``_DEEP`` brackets (it skips blank lines without a row, reads any nesting where the line reader
+    stops at 1,024 levels, and pyarrow 25 crashes on a block that starts with ``null``): in a UTF-8
+    block the others are read as ``{}`` and left to the line reader, so a block is one read. What it
     refuses (a field of another type, a line that is not one object) is narrowed down to its lines, which
     :func:`_parse_line` classifies exactly as a line-by-line read does; what Arrow reads but the
     contract refuses (a null query, a bad count, a blank user) is found column-wise. Every line gives
@@ -538,9 +539,7 @@ def _csv_block(source, block, first, fields, header, delimiter, options) -> tupl
     )
     for i in np.flatnonzero(data[starts] == 0xEF):  # pyarrow.csv would drop a byte-order mark, csv keeps it
         plain[i] &= not block.startswith(BOM, int(starts[i]))
-    try:
-        block.decode("utf-8")
-    except UnicodeDecodeError:
+    if not _valid_utf8(block):
         plain[:] = False
     fmt = "tsv" if delimiter == "\t" else "csv"
     items: list = [None] * len(ends)
@@ -699,8 +698,11 @@ def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read:
                 items[i] = _parse_line(source, first + i, raw, "jsonl", fields, None)
             continue
         budget -= len(chunk)
-        unfit = np.flatnonzero(suspect[a:b])
-        culprit = a + int(unfit[0]) if unfit.size else None if utf8 else _first_bad_line(chunk, starts[a], ends)
+        unfit = a + np.flatnonzero(suspect[a:b])
+        if utf8:  # a suspect line is read as {} (a row of nulls) and left to the line reader: one read
+            culprit, chunk = None, _blanked(block, starts, ends, a, b, unfit) if unfit.size else chunk
+        else:
+            culprit = int(unfit[0]) if unfit.size else _first_bad_line(chunk, starts[a], ends)
         table = None
         if culprit is None:
             try:
@@ -713,7 +715,7 @@ def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read:
                 row = _ARROW_ROW.search(str(err))
                 culprit = a + int(row.group(1)) if row and int(row.group(1)) < b - a else None
         if table is not None and table.num_rows == b - a:
-            _checked(source, block, starts, ends, a, first, table, fields, items)
+            _checked(source, block, starts, ends, a, first, table, fields, items, suspect)
         elif culprit is not None:  # the lines before it, it alone, the lines after it
             todo += [(culprit + 1, b), (culprit, culprit + 1), (a, culprit)]
         else:
@@ -764,10 +766,28 @@ def _first_bad_line(chunk: bytes, offset: int, ends) -> int | None:
 _REASONS = ("", "missing_query", "bad_count", "missing_user", "missing_label", "bad_timestamp", "outside_time_window")
 
 
-def _checked(source, block, starts, ends, a, first, table, fields, items) -> None:
-    """Items of lines ``a``... from the rows Arrow read for them: the contract's checks, column-wise."""
-    records, reason = _contract(table, fields, first + a, source)
-    _place(source, block, starts, ends, np.arange(a, a + table.num_rows), first, records, reason, items)
+def _checked(source, block, starts, ends, a, first, table, fields, items, suspect) -> None:
+    """Items of lines ``a``... from the rows Arrow read for them: the contract's checks, column-wise; a
+    suspect line (read as ``{}``) by the line reader."""
+    rows = np.arange(a, a + table.num_rows)
+    odd = suspect[a : a + table.num_rows]
+    if odd.any():
+        for i in rows[odd].tolist():
+            items[i] = _parse_line(source, first + i, block[starts[i] : ends[i]].rstrip(b"\r"), "jsonl", fields, None)
+        table, rows = table.filter(pa.array(~odd)), rows[~odd]
+    records, reason = _contract(table, fields, 0, source)
+    records = records.set_column(3, "line", pa.array(rows + first, pa.int64()))
+    _place(source, block, starts, ends, rows, first, records, reason, items)
+
+
+def _blanked(block: bytes, starts, ends, a: int, b: int, lines: np.ndarray) -> bytes:
+    """Lines ``a`` to ``b`` of ``block``, each of ``lines`` (sorted, among them) replaced by ``{}``."""
+    pieces, position = [], starts[a]
+    for i in lines.tolist():
+        pieces += [block[position : starts[i]], b"{}"]
+        position = ends[i]
+    pieces.append(block[position : ends[b - 1] + 1])
+    return b"".join(pieces)
 
 
 def _window(value: Any, fields: LogFields) -> int:
