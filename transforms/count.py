@@ -125,9 +125,11 @@ class _PartialCounts(beam.DoFn):
         ends = np.r_[starts[1:], len(partition)]
         if self.users:
             rows, user = self._pairs(index.to_numpy(), table.column("user").combine_chunks())
-            local = rows - starts[np.searchsorted(starts, rows, side="right") - 1]  # the index in its partition
-            pairs = pa.table({"index": pa.array(local, pa.int32()), "user": user})
-            bounds = np.searchsorted(rows, ends)  # where each partition's pairs end
+            owner = (np.searchsorted(starts, rows, side="right") - 1).astype(np.min_scalar_type(len(starts)))
+            order = np.argsort(owner, kind="stable")  # by partition: a radix sort of small integers
+            rows, owner, user = rows[order], owner[order], user[order]
+            pairs = pa.table({"index": pa.array(rows - starts[owner], pa.int32()), "user": user})
+            bounds = np.cumsum(np.bincount(owner, minlength=len(starts)))  # where each partition's pairs end
         for i, (first, last) in enumerate(zip(starts, ends)):
             users = b""
             if self.users:
@@ -137,14 +139,14 @@ class _PartialCounts(beam.DoFn):
 
     @staticmethod
     def _pairs(index: np.ndarray, users: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """The distinct (key index, user hash) pairs of the rows, ordered by key index; a row without a
-        user is no pair. Users are hashed once each, and a pair is one integer while they are made distinct."""
+        """The distinct (key index, user hash) pairs of the rows; a row without a user is no pair.
+        Users are hashed once each, and a pair is one integer while they are made distinct."""
         if users.null_count:
             valid = pc.is_valid(users).to_numpy(zero_copy_only=False)
             index, users = index[valid], users.filter(valid)
         encoded = pc.dictionary_encode(users)
         count = max(len(encoded.dictionary), 1)
-        pairs = np.sort(pc.unique(index.astype(np.int64) * count + encoded.indices.to_numpy()).to_numpy())
+        pairs = pc.unique(index.astype(np.int64) * count + encoded.indices.to_numpy()).to_numpy()
         return pairs // count, fnv1a_column(encoded.dictionary).to_numpy()[pairs % count]
 
 
