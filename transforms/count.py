@@ -68,6 +68,16 @@ def from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(data).read_all()
 
 
+def _sums(index: np.ndarray, weight: pa.ChunkedArray, size: int) -> np.ndarray:
+    """The weights summed per index, exactly (int64), for indices ``0 .. size - 1`` that all occur."""
+    sums = (
+        pa.table({"index": index, "weight": weight}).group_by("index", use_threads=False).aggregate([("weight", "sum")])
+    )
+    out = np.empty(size, np.int64)
+    out[sums.column("index").to_numpy()] = sums.column("weight_sum").to_numpy()
+    return out
+
+
 class _PartialCounts(beam.DoFn):
     """Per bundle, the sums of its keys as ``(partition, (weights, users))``: at most ``partitions`` per flush.
 
@@ -115,16 +125,12 @@ class _PartialCounts(beam.DoFn):
         rank = np.empty(len(order), np.int32)
         rank[order] = np.arange(len(order), dtype=np.int32)
         distinct, partition = encoded.dictionary.take(order), partition[order]
-        index = pa.array(rank[encoded.indices.to_numpy(zero_copy_only=False)])
-        sums = pa.table({"index": index, "weight": table.column("weight")})
-        sums = sums.group_by("index", use_threads=False).aggregate([("weight", "sum")])
-        weights = np.empty(len(distinct), np.int64)  # every distinct key has a row: a weight per index
-        weights[sums.column("index").to_numpy()] = sums.column("weight_sum").to_numpy()
-        part = pa.table({"key": distinct, "weight": weights})
+        index = rank[encoded.indices.to_numpy(zero_copy_only=False)]
+        part = pa.table({"key": distinct, "weight": _sums(index, table.column("weight"), len(distinct))})
         starts = np.flatnonzero(np.r_[True, np.diff(partition) != 0])  # each partition's first distinct key
         ends = np.r_[starts[1:], len(partition)]
         if self.users:
-            rows, user = self._pairs(index.to_numpy(), table.column("user").combine_chunks())
+            rows, user = self._pairs(index, table.column("user").combine_chunks())
             owner = (np.searchsorted(starts, rows, side="right") - 1).astype(np.min_scalar_type(len(starts)))
             order = np.argsort(owner, kind="stable")  # by partition: a radix sort of small integers
             rows, owner, user = rows[order], owner[order], user[order]
@@ -164,10 +170,7 @@ def _merge(partition: int, parts, users: bool = False) -> Iterator[pa.Table]:
     encoded = pc.dictionary_encode(table.column("key").combine_chunks())
     ids = encoded.indices.to_numpy(zero_copy_only=False)
     keys = encoded.dictionary
-    sums = pa.table({"id": ids, "weight": table.column("weight")})
-    sums = sums.group_by("id", use_threads=False).aggregate([("weight", "sum")])
-    counts = np.empty(len(keys), np.int64)
-    counts[sums.column("id").to_numpy()] = sums.column("weight_sum").to_numpy()
+    counts = _sums(ids, table.column("weight"), len(keys))
     distinct_users = None
     if users:
         offsets = np.cumsum([0, *(w.num_rows for w in weights)])

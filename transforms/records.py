@@ -549,9 +549,7 @@ def _csv_block(source, block, first, fields, header, delimiter, options) -> tupl
     if rows.size:
         keep = np.repeat(plain, ends - starts + 1)[: len(block)]  # each plain line with its line break
         table = _typed_counts(pcsv.read_csv(io.BytesIO(data[keep].tobytes()), *options), fields)
-        records, reason = _contract(table, fields, 0, source)
-        records = records.set_column(3, "line", pa.array(rows + first, pa.int64()))
-        _place(source, block, starts, ends, rows, first, records, reason, items)
+        _checked(source, block, starts, ends, rows, first, table, fields, items)
     return [item for item in items if item is not None], len(ends)
 
 
@@ -687,15 +685,18 @@ def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read:
     items: list = [None] * len(ends)
     budget = 8 * len(block)  # bytes Arrow may be given (it reads ~8x faster) before the rest goes line by line
     todo = [(0, len(ends))]
+
+    def by_line(lines) -> None:
+        for i in lines:
+            items[i] = _parse_line(source, first + i, block[starts[i] : ends[i]].rstrip(b"\r"), "jsonl", fields, None)
+
     while todo:
         a, b = todo.pop()
         if a >= b:
             continue
         chunk = block[starts[a] : ends[b - 1] + 1]
         if b - a <= _PER_LINE or budget <= 0:
-            for i in range(a, b):
-                raw = block[starts[i] : ends[i]].rstrip(b"\r")
-                items[i] = _parse_line(source, first + i, raw, "jsonl", fields, None)
+            by_line(range(a, b))
             continue
         budget -= len(chunk)
         unfit = a + np.flatnonzero(suspect[a:b])
@@ -715,7 +716,11 @@ def _jsonl_block(source: str, block: bytes, first: int, fields: LogFields, read:
                 row = _ARROW_ROW.search(str(err))
                 culprit = a + int(row.group(1)) if row and int(row.group(1)) < b - a else None
         if table is not None and table.num_rows == b - a:
-            _checked(source, block, starts, ends, a, first, table, fields, items, suspect)
+            odd = suspect[a:b]  # lines read as {}: the line reader's
+            if odd.any():
+                by_line((a + np.flatnonzero(odd)).tolist())
+                table = table.filter(pa.array(~odd))
+            _checked(source, block, starts, ends, a + np.flatnonzero(~odd), first, table, fields, items)
         elif culprit is not None:  # the lines before it, it alone, the lines after it
             todo += [(culprit + 1, b), (culprit, culprit + 1), (a, culprit)]
         else:
@@ -766,17 +771,10 @@ def _first_bad_line(chunk: bytes, offset: int, ends) -> int | None:
 _REASONS = ("", "missing_query", "bad_count", "missing_user", "missing_label", "bad_timestamp", "outside_time_window")
 
 
-def _checked(source, block, starts, ends, a, first, table, fields, items, suspect) -> None:
-    """Items of lines ``a``... from the rows Arrow read for them: the contract's checks, column-wise; a
-    suspect line (read as ``{}``) by the line reader."""
-    rows = np.arange(a, a + table.num_rows)
-    odd = suspect[a : a + table.num_rows]
-    if odd.any():
-        for i in rows[odd].tolist():
-            items[i] = _parse_line(source, first + i, block[starts[i] : ends[i]].rstrip(b"\r"), "jsonl", fields, None)
-        table, rows = table.filter(pa.array(~odd)), rows[~odd]
-    records, reason = _contract(table, fields, 0, source)
-    records = records.set_column(3, "line", pa.array(rows + first, pa.int64()))
+def _checked(source, block, starts, ends, rows, first, table, fields, items) -> None:
+    """Items of the block's lines ``rows`` from the rows Arrow read for them (one each, in order): the
+    contract's checks, column-wise."""
+    records, reason = _contract(table, fields, rows + first, source)
     _place(source, block, starts, ends, rows, first, records, reason, items)
 
 
@@ -820,9 +818,9 @@ def _windows(times: pa.ChunkedArray, fields: LogFields) -> np.ndarray:
     return codes[pc.fill_null(pc.add(encoded.indices, 1), 0).to_numpy(zero_copy_only=False)]  # null: None
 
 
-def _contract(table: pa.Table, fields: LogFields, first: int, source: str):
+def _contract(table: pa.Table, fields: LogFields, lines: np.ndarray, source: str):
     """The rows of ``table`` (a column per named field, of the types the contract takes whole) as a
-    table of records from line ``first`` on, and each row's reason code (0: a record; ``_REASONS``)."""
+    table of records at these line numbers, and each row's reason code (0: a record; ``_REASONS``)."""
     n = table.num_rows
     query = table.column(fields.query).cast(pa.string())
     reason = query.is_null().to_numpy(zero_copy_only=False).astype(np.int8)  # 1: missing_query
@@ -843,7 +841,7 @@ def _contract(table: pa.Table, fields: LogFields, first: int, source: str):
             u = user[row].as_py()
             missing[row] = u is None or not u or u.isspace()
         reason[(reason == 0) & missing] = 3
-    columns = [query, weight, user, pa.array(np.arange(first, first + n, dtype=np.int64))]
+    columns = [query, weight, user, pa.array(lines, pa.int64())]
     if fields.time:
         window = _windows(table.column(fields.time), fields)
         reason[reason == 0] = window[reason == 0]
@@ -907,7 +905,7 @@ def _parse_parquet(source: str, stream: IO[bytes], fields: LogFields) -> Iterato
     if columns is not None:
         for batch in parquet.iter_batches(batch_size=65_536, columns=columns):
             table = pa.Table.from_batches([batch])
-            records, reason = _contract(table, fields, number + 1, source)
+            records, reason = _contract(table, fields, np.arange(number + 1, number + 1 + table.num_rows), source)
             for row in np.flatnonzero(reason).tolist():
                 excerpt = repr(table.slice(row, 1).to_pylist()[0])
                 yield rejection(source, number + 1 + row, _REASONS[reason[row]], excerpt)

@@ -1,7 +1,7 @@
 """SelectHead: tables of (key, count, users) -> the head, ranked, after the privacy filters.
 
 Each partition's table is screened and reduced column-wise: the PII scrub runs in Python only on keys
-that could be personal (every key outside ASCII, ASCII keys with a digit, ``@`` or ``:``), the
+that could be personal (:func:`maybe_personal`: what one of its patterns needs at least), the
 histogram of counts is summed per table. Thresholds come from that global histogram (one small dict);
 the tables are then filtered in parallel. No step gathers all distinct queries on one worker: only
 the head becomes rows, and the queries tied at the threshold (each table's smallest keys first) pass
