@@ -11,15 +11,13 @@ import os
 
 from querycache.transforms.process_exit import LOCAL_WORKERS
 
+MULTIPROCESS = "querycache.runners.multiprocess.MultiprocessRunner"
+
 PRESETS: dict[str, list[str]] = {
     # In-process portable runner: what the DirectRunner falls back to, pinned so it never fetches Prism.
     "direct": ["--runner=FnApiRunner"],
-    # Several worker processes on this machine: one model copy per process.
-    "multiprocess": [
-        "--runner=DirectRunner",
-        "--direct_running_mode=multi_processing",
-        f"--direct_num_workers={os.cpu_count() or 2}",
-    ],
+    # Several worker processes on this machine, forked from a warm one: one model copy per process.
+    "multiprocess": [f"--runner={MULTIPROCESS}", f"--direct_num_workers={os.cpu_count() or 2}"],
     # A Beam job service (Flink, Spark or Beam's own): add --job_endpoint=HOST:PORT after --, and for
     # workers elsewhere --environment_type=DOCKER|EXTERNAL --environment_config=IMAGE|HOST:PORT.
     "portable": ["--runner=PortableRunner", "--environment_type=LOOPBACK"],
@@ -41,7 +39,7 @@ def beam_args(runner: str, extra: list[str], quiet: bool = False) -> list[str]:
     """
     args = [*PRESETS.get(runner.lower(), [f"--runner={runner}"]), *extra]
     options = _options(args)
-    if options.get("direct_running_mode") == "multi_processing":
+    if local_workers(options):
         workers = int(options.get("direct_num_workers", "1") or 1)
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(workers, 1))))
         os.environ[LOCAL_WORKERS] = "1"  # they skip the interpreter's teardown (transforms/process_exit.py)
@@ -54,8 +52,22 @@ def beam_args(runner: str, extra: list[str], quiet: bool = False) -> list[str]:
     return args
 
 
+def local_workers(options: dict[str, str]) -> bool:
+    """Whether these options run worker processes on this machine."""
+    return options.get("runner") == MULTIPROCESS or options.get("direct_running_mode") == "multi_processing"
+
+
 def _options(args: list[str]) -> dict[str, str]:
     return dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+
+
+def prestart_workers(args: list[str]) -> None:
+    """Start the fork server of ``--runner multiprocess`` now: it imports the workers' code while
+    the command imports the driver's."""
+    if _options(args).get("runner") == MULTIPROCESS:
+        from querycache.runners.multiprocess import prestart
+
+        prestart()
 
 
 IN_PROCESS_RUNNERS = {"fnapirunner", "directrunner", "bundlebaseddirectrunner"}
@@ -65,4 +77,4 @@ def in_process(args: list[str]) -> bool:
     """Whether these options run the workers in this process, where their progress log records arrive."""
     options = _options(args)
     runner = options.get("runner", "DirectRunner").lower()
-    return runner in IN_PROCESS_RUNNERS and options.get("direct_running_mode", "in_memory") != "multi_processing"
+    return runner in IN_PROCESS_RUNNERS and not local_workers(options)

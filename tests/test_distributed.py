@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -278,6 +279,21 @@ def test_the_multiprocess_runner_gives_the_same_snapshot_and_figures(cli, tiny_b
     summary = run_build(cli, *build_args(log, tmp_path / "multi", tiny_bert, *flags))
     same_answers(table(tmp_path / "multi"), table(local_root))
     same_figures(tmp_path / "multi", summary, local_root, reference)
+
+
+def test_multiprocess_workers_log_in_the_drivers_format_without_beams_start_up_lines(tiny_bert, tmp_path):
+    """The workers are forks of a server that set their logging up before Beam's import: their
+    progress reaches stderr as the driver's does, and nothing of Beam's harness start-up does."""
+    log = write_log(tmp_path, "jsonl", make_records(40))
+    args = build_args(log, tmp_path / "root", tiny_bert, "--runner", "multiprocess", "--", "--direct_num_workers=2")
+    args.remove("--quiet")
+    done = subprocess.run([sys.executable, "-m", "querycache", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^\d\d:\d\d:\d\d INFO read \d+ lines from \S+log\.jsonl", done.stderr, re.M), done.stderr
+    assert re.search(r"^\d\d:\d\d:\d\d INFO inferred \d+ queries in this worker", done.stderr, re.M)
+    driver = "INFO running the pipeline on", "INFO publishing snapshot"
+    beam = [line for line in done.stderr.splitlines() if not re.match(r"\d\d:\d\d:\d\d (INFO|WARNING) ", line)]
+    assert beam == [] and all(d in done.stderr for d in driver)
 
 
 def test_a_worker_stages_a_remote_model_once_and_names_a_file_that_differs(tiny_bert, tmp_path, s3, monkeypatch):

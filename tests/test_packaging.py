@@ -146,6 +146,7 @@ def test_the_full_install_builds_on_worker_processes_from_outside_the_checkout(f
     args = ["build", "--logs", "q.jsonl", "--out", "root", "--model", tiny_bert, "--dtype", "fp32", "--json", "--quiet"]
     done = _run(full / "querycache", *args, "--runner", "multiprocess", "--", "--direct_num_workers=2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr == ""  # --quiet: no line of the workers' start-up either
     summary = json.loads(done.stdout.splitlines()[-1])
     assert (summary["lines_read"], summary["head_size"]) == (3, 2)
     inspect = _run(full / "querycache", "inspect", "root", "--json", cwd=tmp_path)

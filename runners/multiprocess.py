@@ -1,0 +1,121 @@
+"""``--runner multiprocess``: Beam's in-process runner with worker processes forked from a warm one.
+
+    querycache build ... --runner multiprocess -- --direct_num_workers=4
+
+Beam's own ``multi_processing`` mode starts each worker as a new interpreter that imports Beam, then
+the DoFns' modules, torch and transformers (~1 s + ~3.7 s a worker on 2 cores, on the critical path:
+the model stack is imported when the head is planned, after the last line was read). Here a
+``multiprocessing`` fork server imports them once, started by :func:`prestart` while the command
+line imports the same in the driver (a core that is idle then; other commands start it with their
+first worker), and each worker is a fork of it: it starts in milliseconds with the model stack
+loaded. The workers are Beam's own SDK harness, connected to the runner as Beam's subprocess
+workers are, with the driver's environment of the moment; they log as the driver does
+(:mod:`querycache.runners.worker_setup`).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+
+from apache_beam.portability.api import beam_provision_api_pb2, endpoints_pb2
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.runners.portability.fn_api_runner.fn_runner import ExtendedProvisionInfo
+from apache_beam.runners.portability.fn_api_runner.worker_handlers import GrpcWorkerHandler, WorkerHandler
+from apache_beam.runners.portability.portable_runner import JobServiceHandle
+from apache_beam.transforms.environments import Environment, python_sdk_capabilities
+from google.protobuf import json_format, text_format
+
+URN = "querycache:env:forked_python:v1"
+PRELOAD = [
+    "querycache.runners.worker_setup",  # first: before Beam is imported
+    __name__,
+    "querycache.pipelines.build",
+    "querycache.pipelines.replay",
+    "querycache.pipelines.finetune",
+]
+log = logging.getLogger(__name__)
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+def prestart() -> None:
+    """Start the fork server now (it imports :data:`PRELOAD` while the caller goes on)."""
+    from multiprocessing import forkserver
+
+    _context()
+    forkserver.ensure_running()
+
+
+def _serve(environment: dict[str, str]) -> None:
+    """A worker: Beam's SDK harness on the runner's control address, until the runner is done."""
+    from apache_beam.runners.worker import sdk_worker_main
+
+    os.environ.update(environment)
+    sdk_worker_main.main([])
+
+
+@Environment.register_urn(URN, bytes)
+class ForkedEnvironment(Environment):
+    """Python workers forked from this machine's fork server."""
+
+    def to_runner_api_parameter(self, context):
+        return URN, b""
+
+    @staticmethod
+    def from_runner_api_parameter(payload, capabilities, artifacts, resource_hints, context):
+        return ForkedEnvironment(capabilities, artifacts, resource_hints)
+
+
+@WorkerHandler.register_environment(URN, bytes)
+class ForkedWorkerHandler(GrpcWorkerHandler):
+    """Starts one forked worker and waits for it to end when the runner closes its connection."""
+
+    def __init__(self, payload, state, provision_info, grpc_server):
+        super().__init__(state, provision_info, grpc_server)
+
+    def start_worker(self) -> None:
+        control = endpoints_pb2.ApiServiceDescriptor(url=self.control_address)
+        environment = {  # the driver's now, as Beam gives its subprocess workers: the server's is older
+            **os.environ,
+            "CONTROL_API_SERVICE_DESCRIPTOR": text_format.MessageToString(control),
+            "PIPELINE_OPTIONS": json_format.MessageToJson(self.provision_info.provision_info.pipeline_options),
+            "WORKER_ID": self.worker_id,
+        }
+        self._process = _context().Process(target=_serve, args=(environment,), name=self.worker_id)
+        self._process.start()
+
+    def stop_worker(self) -> None:
+        self._process.join()
+        if self._process.exitcode:
+            log.error("worker %s exited with status %s", self.worker_id, self._process.exitcode)
+
+
+class _NoModeWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("If direct_num_workers is not equal to 1")
+
+
+class MultiprocessRunner(FnApiRunner):
+    """The FnApiRunner with ``--direct_num_workers`` forked workers (0: one per core)."""
+
+    def __init__(self):
+        super().__init__(default_environment=ForkedEnvironment(capabilities=python_sdk_capabilities()))
+
+    def run_pipeline(self, pipeline, options):
+        # The workers' options (log levels, file systems), as the DirectRunner gives its FnApiRunner.
+        encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+        self._provision_info = ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+        # Beam warns that in_memory mode runs one worker: its own worker, not this environment's.
+        runner_log = logging.getLogger(FnApiRunner.__module__)
+        quiet = _NoModeWarning()
+        runner_log.addFilter(quiet)
+        try:
+            return super().run_pipeline(pipeline, options)
+        finally:
+            runner_log.removeFilter(quiet)
