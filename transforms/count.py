@@ -15,6 +15,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 COUNTS = ("key", "count", "users")  # the columns of what CountQueries gives
 PARTITIONS = 256  # of the key space: what crosses the shuffle, and how far the merge spreads over workers
 FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
+USER_BYTES = np.dtype("<u8")  # a user hash as it crosses the shuffle
 _WIDE = 64  # bytes: longer strings (rare) are hashed by the plain loop
 
 
@@ -83,10 +84,11 @@ class _PartialCounts(beam.DoFn):
 
     The tables of ``key, weight, user`` are held until they have ``FLUSH`` rows (so memory stays
     bounded), then reduced at once: the weight of each distinct key, and each distinct (key, user)
-    pair, users as 64-bit FNV-1a hashes. Both are Arrow IPC bytes: ``weights`` is ``key, weight``,
-    one row per key; ``users`` is ``index, user``, the index of the key's row in ``weights`` (empty
-    bytes without users). A pair carries no weight and no key text. A retried bundle starts from
-    nothing, so nothing is counted twice.
+    pair, users as 64-bit FNV-1a hashes. ``weights`` is an Arrow IPC table of ``key, weight`` and,
+    with users, ``users``: how many distinct users the key has in this flush; ``users`` is those
+    users' hashes, key after key in the table's order, as little-endian uint64 bytes (8 bytes a pair:
+    no key, index or weight; empty without users). A retried bundle starts from nothing, so nothing
+    is counted twice.
     """
 
     FLUSH = 1 << 19
@@ -131,29 +133,26 @@ class _PartialCounts(beam.DoFn):
         ends = np.r_[starts[1:], len(partition)]
         if self.users:
             rows, user = self._pairs(index, table.column("user").combine_chunks())
-            owner = (np.searchsorted(starts, rows, side="right") - 1).astype(np.min_scalar_type(len(starts)))
-            order = np.argsort(owner, kind="stable")  # by partition: a radix sort of small integers
-            rows, owner, user = rows[order], owner[order], user[order]
-            pairs = pa.table({"index": pa.array(rows - starts[owner], pa.int32()), "user": user})
-            bounds = np.cumsum(np.bincount(owner, minlength=len(starts)))  # where each partition's pairs end
-        for i, (first, last) in enumerate(zip(starts, ends)):
-            users = b""
-            if self.users:
-                a = bounds[i - 1] if i else 0
-                users = to_ipc(pairs.slice(a, bounds[i] - a))
+            per_key = np.bincount(rows, minlength=len(distinct))
+            part = part.append_column("users", pa.array(per_key, pa.int32()))
+            at = np.r_[0, np.cumsum(per_key)]  # where each key's users start, and the end
+        for first, last in zip(starts, ends):
+            users = user[at[first] : at[last]].tobytes() if self.users else b""
             yield int(partition[first]), (to_ipc(part.slice(first, last - first)), users)
 
     @staticmethod
     def _pairs(index: np.ndarray, users: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """The distinct (key index, user hash) pairs of the rows; a row without a user is no pair.
-        Users are hashed once each, and a pair is one integer while they are made distinct."""
+        """The distinct (key index, user hash) pairs of the rows, by key index; a row without a user
+        is no pair. Users are hashed once each, and a pair is one integer while they are made
+        distinct and sorted."""
         if users.null_count:
             valid = pc.is_valid(users).to_numpy(zero_copy_only=False)
             index, users = index[valid], users.filter(valid)
         encoded = pc.dictionary_encode(users)
         count = max(len(encoded.dictionary), 1)
-        pairs = pc.unique(index.astype(np.int64) * count + encoded.indices.to_numpy()).to_numpy()
-        return pairs // count, fnv1a_column(encoded.dictionary).to_numpy()[pairs % count]
+        pairs = np.sort(pc.unique(index.astype(np.int64) * count + encoded.indices.to_numpy()).to_numpy())
+        hashes = fnv1a_column(encoded.dictionary).to_numpy().astype(USER_BYTES, copy=False)
+        return pairs // count, hashes[pairs % count]
 
 
 def _merge(partition: int, parts, users: bool = False) -> Iterator[pa.Table]:
@@ -162,20 +161,17 @@ def _merge(partition: int, parts, users: bool = False) -> Iterator[pa.Table]:
     The keys of all parts are numbered once (a dictionary over them); sums and distinct pairs are
     then grouped by those integers, never by the key text.
     """
-    weights, pairs = [], []
-    for weight_bytes, user_bytes in parts:
-        weights.append(from_ipc(weight_bytes))
-        pairs.append(from_ipc(user_bytes) if users else None)
-    table = pa.concat_tables(weights)
+    parts = list(parts)
+    table = pa.concat_tables([from_ipc(weights) for weights, _ in parts])
     encoded = pc.dictionary_encode(table.column("key").combine_chunks())
     ids = encoded.indices.to_numpy(zero_copy_only=False)
     keys = encoded.dictionary
     counts = _sums(ids, table.column("weight"), len(keys))
     distinct_users = None
     if users:
-        offsets = np.cumsum([0, *(w.num_rows for w in weights)])
-        numbered = [p.set_column(0, "id", pa.array(ids[at + p["index"].to_numpy()])) for at, p in zip(offsets, pairs)]
-        seen = pa.concat_tables(numbered).group_by(["id", "user"], use_threads=False).aggregate([])
+        owner = np.repeat(ids, table.column("users").to_numpy())  # each pair's key, in the parts' order
+        user = np.frombuffer(b"".join(hashes for _, hashes in parts), USER_BYTES)
+        seen = pa.table({"id": owner, "user": user}).group_by(["id", "user"], use_threads=False).aggregate([])
         distinct_users = np.bincount(seen.column("id").to_numpy(), minlength=len(keys))
     yield pa.table(
         [keys, pa.array(counts), pa.array(distinct_users, pa.int64()) if users else pa.nulls(len(keys), pa.int64())],
