@@ -129,7 +129,7 @@ def build(**kw: Any) -> None:
     from querycache.runners.presets import beam_args, in_process, prestart_workers
 
     args = beam_args(kw["runner"], list(kw["beam_options"]), kw["quiet"])
-    prestart_workers(args)
+    prestart_workers(args, "querycache.pipelines.build")
     from querycache.inference.model import ModelError
     from querycache.pipelines.build import build as run_build
     from querycache.pipelines.checks import BuildError

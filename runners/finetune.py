@@ -63,18 +63,19 @@ def finetune(**kw: Any) -> None:
         raise UserError("--task classify needs --label-field, the field that holds each query's class")
     if kw["label_field"] and kw["task"] != "classify":
         raise UserError("--label-field is for --task classify")
+    from querycache.runners.presets import beam_args, prestart_workers
+
+    args = beam_args(kw["runner"], list(kw["beam_options"]), kw["quiet"])
+    prestart_workers(args, "querycache.pipelines.finetune")
     from querycache.inference.model import ModelError
     from querycache.pipelines.checks import BuildError
     from querycache.pipelines.finetune import finetune as run_finetune
-    from querycache.runners.presets import beam_args
     from querycache.training import TrainingError
     from querycache.training.checkpoint import CheckpointError
 
     progress = ProgressBar() if sys.stderr.isatty() and not kw["quiet"] else None
     try:
-        report = run_finetune(
-            _options(kw, picked), beam_args(kw["runner"], list(kw["beam_options"]), kw["quiet"]), progress
-        )
+        report = run_finetune(_options(kw, picked), args, progress)
     except (BuildError, ModelError, TrainingError, CheckpointError) as err:
         raise UserError(str(err)) from None
     except OSError as err:

@@ -6,11 +6,10 @@ Beam's own ``multi_processing`` mode starts each worker as a new interpreter tha
 the DoFns' modules, torch and transformers (~1 s + ~3.7 s a worker on 2 cores, on the critical path:
 the model stack is imported when the head is planned, after the last line was read). Here a
 ``multiprocessing`` fork server imports them once, started by :func:`prestart` while the command
-line imports the same in the driver (a core that is idle then; other commands start it with their
-first worker), and each worker is a fork of it: it starts in milliseconds with the model stack
-loaded. The workers are Beam's own SDK harness, connected to the runner as Beam's subprocess
-workers are, with the driver's environment of the moment; they log as the driver does
-(:mod:`querycache.runners.worker_setup`).
+line imports the same in the driver (a core that is idle then), and each worker is a fork of it:
+it starts in milliseconds with the model stack loaded. The workers are Beam's own SDK harness,
+connected to the runner as Beam's subprocess workers are, with the driver's environment of the
+moment; they log as the driver does (:mod:`querycache.runners.worker_setup`).
 """
 
 from __future__ import annotations
@@ -28,27 +27,24 @@ from apache_beam.transforms.environments import Environment, python_sdk_capabili
 from google.protobuf import json_format, text_format
 
 URN = "querycache:env:forked_python:v1"
-PRELOAD = [
-    "querycache.runners.worker_setup",  # first: before Beam is imported
-    __name__,
-    "querycache.pipelines.build",
-    "querycache.pipelines.replay",
-    "querycache.pipelines.finetune",
-]
+PRELOAD = ["querycache.runners.worker_setup", __name__]  # worker_setup first: before Beam is imported
 log = logging.getLogger(__name__)
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def _context(*modules: str) -> multiprocessing.context.BaseContext:
+    """The fork server's context; ``modules`` are imported by the server if this call starts it."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+    context.set_forkserver_preload([*PRELOAD, *modules])
     return context
 
 
-def prestart() -> None:
-    """Start the fork server now (it imports :data:`PRELOAD` while the caller goes on)."""
+def prestart(pipeline: str) -> None:
+    """Start the fork server now: it imports the ``pipeline`` module (and what its workers' code
+    needs with it: torch and transformers for a build) while the caller goes on. Without it, the
+    server starts with the first worker, and each worker imports what its stages need."""
     from multiprocessing import forkserver
 
-    _context()
+    _context(pipeline)
     forkserver.ensure_running()
 
 

@@ -61,13 +61,13 @@ def _options(args: list[str]) -> dict[str, str]:
     return dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
 
 
-def prestart_workers(args: list[str]) -> None:
-    """Start the fork server of ``--runner multiprocess`` now: it imports the workers' code while
-    the command imports the driver's."""
+def prestart_workers(args: list[str], pipeline: str) -> None:
+    """Start the fork server of ``--runner multiprocess`` now: it imports the ``pipeline`` module
+    (``querycache.pipelines.build``, ...) and what it needs while the command imports the driver's."""
     if _options(args).get("runner") == MULTIPROCESS:
         from querycache.runners.multiprocess import prestart
 
-        prestart()
+        prestart(pipeline)
 
 
 IN_PROCESS_RUNNERS = {"fnapirunner", "directrunner", "bundlebaseddirectrunner"}

@@ -47,7 +47,7 @@ def replay(**kw: Any) -> None:
     from querycache.pipelines.checks import BuildError
     from querycache.pipelines.replay import ReplayOptions
     from querycache.pipelines.replay import replay as run_replay
-    from querycache.runners.presets import beam_args, in_process
+    from querycache.runners.presets import beam_args, in_process, prestart_workers
     from querycache.runners.progress import progress_display
 
     options = ReplayOptions(
@@ -60,6 +60,7 @@ def replay(**kw: Any) -> None:
     )
     try:
         args = beam_args(kw["runner"], list(kw["beam_options"]), kw["quiet"])
+        prestart_workers(args, "querycache.pipelines.replay")
         with progress_display(kw["quiet"], live=in_process(args)):
             figures = run_replay(options, args)
     except (BuildError, SnapshotError) as err:

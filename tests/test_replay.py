@@ -225,6 +225,20 @@ def test_a_build_that_reuses_every_result_keeps_the_measured_cost(replayed, tiny
     )
 
 
+def test_worker_processes_replay_to_the_same_figures(replayed, tmp_path):
+    from querycache.runners.cli import main
+
+    log = write_day(tmp_path / "day2.jsonl", replayed.day2)
+    args = ["replay", replayed.root, "--logs", log, "--count-field", "count", "--user-field", "user", "--json"]
+
+    def figures(*runner: str) -> dict:
+        result = CliRunner().invoke(main, [str(a) for a in [*args, *runner]], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return {k: v for k, v in json.loads(result.stdout).items() if k != "seconds"}
+
+    assert figures("--runner", "multiprocess", "--", "--direct_num_workers=2") == figures()
+
+
 def test_a_snapshot_on_s3_replays_like_a_local_one(s3, tmp_path):  # noqa: F811 (the fixture)
     from querycache.runners.cli import main
 
