@@ -15,6 +15,7 @@ from querycache.runners.common import (
     GLOB_HINT,
     UserError,
     echo_json,
+    environment_error,
     passed_on,
     print_version,
     require_pipelines,
@@ -140,8 +141,8 @@ def build(**kw: Any) -> None:
             summary = run_build(options, args)
     except (BuildError, ModelError, SnapshotError) as err:
         raise UserError(str(err)) from None
-    except OSError as err:  # disk full, permissions: the environment, not querycache
-        raise click.ClickException(f"{err.strerror or err}: {err.filename or ''}".rstrip(": ")) from None
+    except OSError as err:
+        raise environment_error(err) from None
     if kw["as_json"]:
         echo_json(summary)
     else:

@@ -21,6 +21,11 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+def environment_error(err: OSError) -> click.ClickException:
+    """A failure of the environment (a full disk, permissions, a lost worker process): one line, exit 1."""
+    return click.ClickException(f"{err.strerror or err}: {err.filename or ''}".rstrip(": "))
+
+
 GLOB_HINT = "an unquoted glob expands to many files: quote it (--logs 'logs/*.jsonl') or repeat --logs"
 
 

@@ -8,7 +8,15 @@ from typing import Any
 import click
 
 from querycache.runners import human
-from querycache.runners.common import GLOB_HINT, UserError, echo_json, passed_on, require_pipelines, setup_logging
+from querycache.runners.common import (
+    GLOB_HINT,
+    UserError,
+    echo_json,
+    environment_error,
+    passed_on,
+    require_pipelines,
+    setup_logging,
+)
 from querycache.runners.inputs import check_inputs, head_selection, input_options, log_fields
 
 
@@ -79,7 +87,7 @@ def finetune(**kw: Any) -> None:
     except (BuildError, ModelError, TrainingError, CheckpointError) as err:
         raise UserError(str(err)) from None
     except OSError as err:
-        raise click.ClickException(f"{err.strerror or err}: {err.filename or ''}".rstrip(": ")) from None
+        raise environment_error(err) from None
     finally:
         if progress is not None:
             progress.close()

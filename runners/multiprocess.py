@@ -9,7 +9,10 @@ the model stack is imported when the head is planned, after the last line was re
 line imports the same in the driver (a core that is idle then), and each worker is a fork of it:
 it starts in milliseconds with the model stack loaded. The workers are Beam's own SDK harness,
 connected to the runner as Beam's subprocess workers are, with the driver's environment of the
-moment; they log as the driver does (:mod:`querycache.runners.worker_setup`).
+moment; they log as the driver does (:mod:`querycache.runners.worker_setup`). A worker that ends
+in the middle (the out-of-memory killer) fails the pipeline with :class:`WorkerLost`, where Beam's
+runner would wait for its answer forever. As in any ``multiprocessing`` program, a script that runs
+this runner keeps its own work under ``if __name__ == "__main__":`` (workers import it).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
+import threading
 
 from apache_beam.portability.api import beam_provision_api_pb2, endpoints_pb2
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -27,6 +32,7 @@ from apache_beam.transforms.environments import Environment, python_sdk_capabili
 from google.protobuf import json_format, text_format
 
 URN = "querycache:env:forked_python:v1"
+_ENDED_BADLY: list[tuple[str, int]] = []  # (worker id, exit status) of this driver's workers
 PRELOAD = ["querycache.runners.worker_setup", __name__]  # worker_setup first: before Beam is imported
 log = logging.getLogger(__name__)
 
@@ -85,11 +91,31 @@ class ForkedWorkerHandler(GrpcWorkerHandler):
         }
         self._process = _context().Process(target=_serve, args=(environment,), name=self.worker_id)
         self._process.start()
+        self._watcher = threading.Thread(target=self._watch, name=f"{self.worker_id}-watch", daemon=True)
+        self._watcher.start()
 
-    def stop_worker(self) -> None:
+    def _watch(self) -> None:
+        """Wait for the worker to end; if it ends badly, fail what the runner waits for from it
+        (a worker killed in a bundle would leave the runner waiting for its answer forever)."""
         self._process.join()
         if self._process.exitcode:
-            log.error("worker %s exited with status %s", self.worker_id, self._process.exitcode)
+            _ENDED_BADLY.append((self.worker_id, self._process.exitcode))
+            self.control_conn.abort(WorkerLost(self.worker_id, self._process.exitcode))
+
+    def stop_worker(self) -> None:
+        self._watcher.join()
+
+
+class WorkerLost(ChildProcessError):
+    """A worker process ended before the pipeline did; the message names it and how it ended."""
+
+    def __init__(self, worker_id: str, status: int):
+        how = f"was killed by {signal.Signals(-status).name}" if status < 0 else f"exited with status {status}"
+        oom = " (the signal of the kernel's out-of-memory killer)" if status == -signal.SIGKILL else ""
+        super().__init__(
+            f"{worker_id} of --runner multiprocess {how}{oom}, and the pipeline failed: give the workers "
+            "more memory, or fewer of them (-- --direct_num_workers=N)"
+        )
 
 
 class _NoModeWarning(logging.Filter):
@@ -111,7 +137,12 @@ class MultiprocessRunner(FnApiRunner):
         runner_log = logging.getLogger(FnApiRunner.__module__)
         quiet = _NoModeWarning()
         runner_log.addFilter(quiet)
+        seen = len(_ENDED_BADLY)
         try:
             return super().run_pipeline(pipeline, options)
+        except Exception as err:  # Beam says only that a channel closed: say which worker ended, and how
+            if len(_ENDED_BADLY) > seen:
+                raise WorkerLost(*_ENDED_BADLY[seen]) from err
+            raise
         finally:
             runner_log.removeFilter(quiet)

@@ -7,7 +7,15 @@ from typing import Any
 import click
 
 from querycache.runners import human
-from querycache.runners.common import GLOB_HINT, UserError, echo_json, passed_on, require_pipelines, setup_logging
+from querycache.runners.common import (
+    GLOB_HINT,
+    UserError,
+    echo_json,
+    environment_error,
+    passed_on,
+    require_pipelines,
+    setup_logging,
+)
 from querycache.runners.inputs import log_fields, log_input_options
 from querycache.store import SnapshotError
 
@@ -65,6 +73,8 @@ def replay(**kw: Any) -> None:
             figures = run_replay(options, args)
     except (BuildError, SnapshotError) as err:
         raise UserError(str(err)) from None
+    except OSError as err:
+        raise environment_error(err) from None
     if kw["report_path"]:
         _write_report(kw["report_path"], figures)
     if kw["as_json"]:

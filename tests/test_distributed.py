@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import apache_beam as beam
 import numpy as np
 import pytest
 
@@ -294,6 +297,38 @@ def test_multiprocess_workers_log_in_the_drivers_format_without_beams_start_up_l
     driver = "INFO running the pipeline on", "INFO publishing snapshot"
     beam = [line for line in done.stderr.splitlines() if not re.match(r"\d\d:\d\d:\d\d (INFO|WARNING) ", line)]
     assert beam == [] and all(d in done.stderr for d in driver)
+
+
+class _KillsItsWorker(beam.DoFn):
+    """Ends the worker process it runs in at its fourth element, as the out-of-memory killer would."""
+
+    def process(self, element):
+        if element == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield element
+
+
+def test_a_worker_killed_in_a_bundle_fails_the_pipeline_naming_it():
+    """Beam's runner would wait for the killed worker's answer forever; it fails at once, saying why."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from querycache.runners.multiprocess import MultiprocessRunner, WorkerLost
+
+    ended: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with beam.Pipeline(runner=MultiprocessRunner(), options=PipelineOptions(["--direct_num_workers=2"])) as p:
+                _ = p | beam.Create(range(10)) | beam.ParDo(_KillsItsWorker())
+        except BaseException as err:  # noqa: BLE001 (what ended it is the assertion)
+            ended.append(err)
+
+    pipeline = threading.Thread(target=run, daemon=True)
+    pipeline.start()
+    pipeline.join(120)
+    assert not pipeline.is_alive(), "the pipeline still waits for its killed worker"
+    assert len(ended) == 1 and isinstance(ended[0], WorkerLost), ended
+    assert re.fullmatch(r"worker_\d+ of --runner multiprocess was killed by SIGKILL .*", str(ended[0]))
 
 
 def test_a_worker_stages_a_remote_model_once_and_names_a_file_that_differs(tiny_bert, tmp_path, s3, monkeypatch):
