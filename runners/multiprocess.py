@@ -34,7 +34,6 @@ from google.protobuf import json_format, text_format
 URN = "querycache:env:forked_python:v1"
 _ENDED_BADLY: list[tuple[str, int]] = []  # (worker id, exit status) of this driver's workers
 PRELOAD = ["querycache.runners.worker_setup", __name__]  # worker_setup first: before Beam is imported
-log = logging.getLogger(__name__)
 
 
 def _context(*modules: str) -> multiprocessing.context.BaseContext:
