@@ -308,6 +308,7 @@ class _KillsItsWorker(beam.DoFn):
         yield element
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # Beam's, on the lost channel
 def test_a_worker_killed_in_a_bundle_fails_the_pipeline_naming_it():
     """Beam's runner would wait for the killed worker's answer forever; it fails at once, saying why."""
     from apache_beam.options.pipeline_options import PipelineOptions
