@@ -10,9 +10,10 @@ line imports the same in the driver (a core that is idle then), and each worker 
 it starts in milliseconds with the model stack loaded. The workers are Beam's own SDK harness,
 connected to the runner as Beam's subprocess workers are, with the driver's environment of the
 moment; they log as the driver does (:mod:`querycache.runners.worker_setup`). A worker that ends
-in the middle (the out-of-memory killer) fails the pipeline with :class:`WorkerLost`, where Beam's
-runner would wait for its answer forever. As in any ``multiprocessing`` program, a script that runs
-this runner keeps its own work under ``if __name__ == "__main__":`` (workers import it).
+before its work does (the out-of-memory killer, or a failed start) fails the pipeline with
+:class:`WorkerLost`, where Beam's runner would wait for its answer forever. As in any
+``multiprocessing`` program, a script that runs this runner keeps its own work under
+``if __name__ == "__main__":`` (workers import it).
 """
 
 from __future__ import annotations
@@ -94,12 +95,16 @@ class ForkedWorkerHandler(GrpcWorkerHandler):
         self._watcher.start()
 
     def _watch(self) -> None:
-        """Wait for the worker to end; if it ends badly, fail what the runner waits for from it
-        (a worker killed in a bundle would leave the runner waiting for its answer forever)."""
+        """Wait for the worker to end; if it ends badly, fail what the runner waits for from it: its
+        answers and its data (Beam's runner watches the data channel, which a worker killed before
+        it connected never closes: it would wait forever)."""
         self._process.join()
-        if self._process.exitcode:
-            _ENDED_BADLY.append((self.worker_id, self._process.exitcode))
-            self.control_conn.abort(WorkerLost(self.worker_id, self._process.exitcode))
+        if not self._process.exitcode:
+            return
+        lost = WorkerLost(self.worker_id, self._process.exitcode)
+        _ENDED_BADLY.append((self.worker_id, self._process.exitcode))
+        self.control_conn.abort(lost)
+        self.data_conn.close()
 
     def stop_worker(self) -> None:
         self._watcher.join()

@@ -309,27 +309,32 @@ class _KillsItsWorker(beam.DoFn):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # Beam's, on the lost channel
-def test_a_worker_killed_in_a_bundle_fails_the_pipeline_naming_it():
-    """Beam's runner would wait for the killed worker's answer forever; it fails at once, saying why."""
+@pytest.mark.parametrize(
+    ("cannot_start", "ended"), [(False, "was killed by SIGKILL (the signal of"), (True, "exited with status 1,")]
+)
+def test_a_worker_lost_in_a_bundle_or_at_its_start_fails_the_pipeline_naming_it(monkeypatch, cannot_start, ended):
+    """Beam's runner would wait for the lost worker's answer forever; it fails at once, saying why."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from querycache.runners.multiprocess import MultiprocessRunner, WorkerLost
 
-    ended: list[BaseException] = []
+    if cannot_start:  # the workers get the driver's environment: Beam's harness fails to read its options
+        monkeypatch.setenv("PIPELINE_OPTIONS_FILE", "/nonexistent/options.json")
+    failures: list[BaseException] = []
 
     def run() -> None:
         try:
             with beam.Pipeline(runner=MultiprocessRunner(), options=PipelineOptions(["--direct_num_workers=2"])) as p:
                 _ = p | beam.Create(range(10)) | beam.ParDo(_KillsItsWorker())
         except BaseException as err:  # noqa: BLE001 (what ended it is the assertion)
-            ended.append(err)
+            failures.append(err)
 
     pipeline = threading.Thread(target=run, daemon=True)
     pipeline.start()
     pipeline.join(120)
-    assert not pipeline.is_alive(), "the pipeline still waits for its killed worker"
-    assert len(ended) == 1 and isinstance(ended[0], WorkerLost), ended
-    assert re.fullmatch(r"worker_\d+ of --runner multiprocess was killed by SIGKILL .*", str(ended[0]))
+    assert not pipeline.is_alive(), "the pipeline still waits for its lost worker"
+    assert len(failures) == 1 and isinstance(failures[0], WorkerLost), failures
+    assert re.fullmatch(rf"worker_\d+ of --runner multiprocess {re.escape(ended)} .*", str(failures[0]))
 
 
 def test_a_worker_stages_a_remote_model_once_and_names_a_file_that_differs(tiny_bert, tmp_path, s3, monkeypatch):
