@@ -42,7 +42,8 @@ def beam_args(runner: str, extra: list[str], quiet: bool = False) -> list[str]:
     if local_workers(options):
         workers = int(options.get("direct_num_workers", "1") or 1)
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(workers, 1))))
-        os.environ[LOCAL_WORKERS] = "1"  # they skip the interpreter's teardown (transforms/process_exit.py)
+        if options.get("direct_running_mode") == "multi_processing":  # Beam's own workers: new interpreters
+            os.environ[LOCAL_WORKERS] = "1"  # they skip the interpreter's teardown (transforms/process_exit.py)
         levels = {"querycache": "WARNING" if quiet else "INFO"}
         worker_log = [
             "--default_sdk_harness_log_level=WARNING",
