@@ -18,11 +18,13 @@ before its work does (the out-of-memory killer, or a failed start) fails the pip
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
 import threading
+from collections.abc import Iterator
 
 from apache_beam.portability.api import beam_provision_api_pb2, endpoints_pb2
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -127,6 +129,18 @@ class _NoModeWarning(logging.Filter):
         return not str(record.msg).startswith("If direct_num_workers is not equal to 1")
 
 
+@contextlib.contextmanager
+def without_mode_warning() -> Iterator[None]:
+    """Beam warns that its in_memory mode runs one worker: its own worker, not a runner's environment's."""
+    runner_log = logging.getLogger(FnApiRunner.__module__)
+    quiet = _NoModeWarning()
+    runner_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        runner_log.removeFilter(quiet)
+
+
 class MultiprocessRunner(FnApiRunner):
     """The FnApiRunner with ``--direct_num_workers`` forked workers (0: one per core)."""
 
@@ -137,16 +151,11 @@ class MultiprocessRunner(FnApiRunner):
         # The workers' options (log levels, file systems), as the DirectRunner gives its FnApiRunner.
         encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
         self._provision_info = ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
-        # Beam warns that in_memory mode runs one worker: its own worker, not this environment's.
-        runner_log = logging.getLogger(FnApiRunner.__module__)
-        quiet = _NoModeWarning()
-        runner_log.addFilter(quiet)
         seen = len(_ENDED_BADLY)
         try:
-            return super().run_pipeline(pipeline, options)
+            with without_mode_warning():
+                return super().run_pipeline(pipeline, options)
         except Exception as err:  # Beam says only that a channel closed: say which worker ended, and how
             if len(_ENDED_BADLY) > seen:
                 raise WorkerLost(*_ENDED_BADLY[seen]) from err
             raise
-        finally:
-            runner_log.removeFilter(quiet)

@@ -12,10 +12,17 @@ import os
 from querycache.transforms.process_exit import LOCAL_WORKERS
 
 MULTIPROCESS = "querycache.runners.multiprocess.MultiprocessRunner"
+THREADS = "querycache.runners.threads.ThreadsRunner"
+
+
+def _direct(cores: int) -> list[str]:
+    """Two bundles at once on harness threads (runners/threads.py) where there are two cores."""
+    return [f"--runner={THREADS}", "--direct_num_workers=2"] if cores > 1 else ["--runner=FnApiRunner"]
+
 
 PRESETS: dict[str, list[str]] = {
     # In-process portable runner: what the DirectRunner falls back to, pinned so it never fetches Prism.
-    "direct": ["--runner=FnApiRunner"],
+    "direct": _direct(os.cpu_count() or 1),
     # Several worker processes on this machine, forked from a warm one: one model copy per process.
     "multiprocess": [f"--runner={MULTIPROCESS}", f"--direct_num_workers={os.cpu_count() or 2}"],
     # A Beam job service (Flink, Spark or Beam's own): add --job_endpoint=HOST:PORT after --, and for
@@ -71,7 +78,7 @@ def prestart_workers(args: list[str], pipeline: str) -> None:
         prestart(pipeline)
 
 
-IN_PROCESS_RUNNERS = {"fnapirunner", "directrunner", "bundlebaseddirectrunner"}
+IN_PROCESS_RUNNERS = {"fnapirunner", "directrunner", "bundlebaseddirectrunner", THREADS.lower()}
 
 
 def in_process(args: list[str]) -> bool:

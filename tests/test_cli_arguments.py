@@ -73,9 +73,9 @@ def test_worker_processes_of_this_machine_share_its_cores(monkeypatch):
 
 
 def test_worker_processes_log_what_querycache_says_and_the_user_wins():
-    from querycache.runners.presets import beam_args
+    from querycache.runners.presets import PRESETS, beam_args
 
-    assert beam_args("direct", ["--x=1"]) == ["--runner=FnApiRunner", "--x=1"]
+    assert beam_args("direct", ["--x=1"]) == [*PRESETS["direct"], "--x=1"]
     args = beam_args("multiprocess", ["--default_sdk_harness_log_level=DEBUG"], quiet=True)
     assert args.index("--default_sdk_harness_log_level=WARNING") < args.index("--default_sdk_harness_log_level=DEBUG")
     assert '--sdk_harness_log_level_overrides={"querycache": "WARNING"}' in args
