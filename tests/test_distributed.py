@@ -86,7 +86,7 @@ def same_figures(root, summary: dict, reference_root, reference: dict) -> None:
 
 @pytest.fixture(scope="module")
 def direct_build(tiny_bert, tmp_path_factory):
-    """One log and its build on the in-process runner to a local root: ``(log, root, summary)``."""
+    """One log and its build on the in-process runner (``direct``) to a local root: ``(log, root, summary)``."""
     from click.testing import CliRunner
 
     from querycache.runners.cli import main
@@ -282,6 +282,16 @@ def test_the_multiprocess_runner_gives_the_same_snapshot_and_figures(cli, tiny_b
     summary = run_build(cli, *build_args(log, tmp_path / "multi", tiny_bert, *flags))
     same_answers(table(tmp_path / "multi"), table(local_root))
     same_figures(tmp_path / "multi", summary, local_root, reference)
+
+
+def test_one_bundle_at_a_time_in_memory_gives_the_same_snapshot_and_figures(cli, tiny_bert, tmp_path, direct_build):
+    """``direct`` runs bundles on two harness threads where there are two cores; Beam's in-memory
+    runner, one bundle at a time, must publish the same snapshot."""
+    log, local_root, reference = direct_build
+    flags = ["--count-field", "count", "--", "--runner=FnApiRunner", "--direct_num_workers=1"]
+    summary = run_build(cli, *build_args(log, tmp_path / "one", tiny_bert, *flags))
+    same_answers(table(tmp_path / "one"), table(local_root))
+    same_figures(tmp_path / "one", summary, local_root, reference)
 
 
 def test_multiprocess_workers_log_in_the_drivers_format_without_beams_start_up_lines(tiny_bert, tmp_path):
