@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -16,7 +17,7 @@ COUNTS = ("key", "count", "users")  # the columns of what CountQueries gives
 PARTITIONS = 256  # of the key space: what crosses the shuffle, and how far the merge spreads over workers
 FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
 USER_BYTES = np.dtype("<u8")  # a user hash as it crosses the shuffle
-_WIDE = 64  # bytes: longer strings (rare) are hashed by the plain loop
+_WIDE = 1024  # bytes: longer strings (rare) are hashed by the plain loop, ~100x slower a byte
 
 
 def fnv1a(text: str) -> int:
@@ -29,7 +30,7 @@ def fnv1a(text: str) -> int:
 
 def fnv1a_column(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     """:func:`fnv1a` of each string of ``column`` (null stays null), byte position by byte position over
-    all strings at once; strings over 64 bytes go through :func:`fnv1a` itself."""
+    all strings at once; strings over 1,024 bytes go through :func:`fnv1a` itself."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     column = column.cast(pa.large_string())
@@ -79,19 +80,100 @@ def _sums(index: np.ndarray, weight: pa.ChunkedArray, size: int) -> np.ndarray:
     return out
 
 
-class _PartialCounts(beam.DoFn):
-    """Per bundle, the sums of its keys as ``(partition, (weights, users))``: at most ``partitions`` per flush.
+class _Run(NamedTuple):
+    """Partial counts of some rows: each distinct key once, in partition order, with its summed weight
+    and its distinct users (64-bit hashes, key after key; none without users)."""
 
-    The tables of ``key, weight, user`` are held until they have ``FLUSH`` rows (so memory stays
-    bounded), then reduced at once: the weight of each distinct key, and each distinct (key, user)
-    pair, users as 64-bit FNV-1a hashes. ``weights`` is an Arrow IPC table of ``key, weight`` and,
-    with users, ``users``: how many distinct users the key has in this flush; ``users`` is those
-    users' hashes, key after key in the table's order, as little-endian uint64 bytes (8 bytes a pair:
-    no key, index or weight; empty without users). A retried bundle starts from nothing, so nothing
-    is counted twice.
+    keys: pa.Array
+    partition: np.ndarray  # uint64, each key's, ascending
+    weights: np.ndarray  # int64
+    users: np.ndarray  # each key's number of hashes
+    hashes: np.ndarray  # USER_BYTES
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + sum(a.nbytes for a in (self.partition, self.weights, self.users, self.hashes))
+
+
+def _numbered(
+    keys: pa.Array, partitions: int, known: np.ndarray | None = None
+) -> tuple[np.ndarray, pa.Array, np.ndarray]:
+    """Each row's index into the distinct keys, those keys ordered by partition, and their partitions:
+    the keys are hashed once each (or their partitions are ``known``, row by row), and a partition's
+    keys are one slice."""
+    encoded = pc.dictionary_encode(keys)
+    index = encoded.indices.to_numpy(zero_copy_only=False)
+    if known is None:
+        partition = fnv1a_column(encoded.dictionary).to_numpy() % np.uint64(partitions)
+    else:
+        partition = np.empty(len(encoded.dictionary), np.uint64)
+        partition[index] = known
+    order = np.argsort(partition, kind="stable")
+    rank = np.empty(len(order), np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
+    return rank[index], encoded.dictionary.take(order), partition[order]
+
+
+def _pairs(index: np.ndarray, users: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (key index, user hash) pairs of the rows, by key index; a row without a user is
+    no pair. Users are hashed once each, and a pair is one integer while they are made distinct and
+    sorted."""
+    if users.null_count:
+        valid = pc.is_valid(users).to_numpy(zero_copy_only=False)
+        index, users = index[valid], users.filter(valid)
+    encoded = pc.dictionary_encode(users)
+    count = max(len(encoded.dictionary), 1)
+    pairs = np.sort(pc.unique(index.astype(np.int64) * count + encoded.indices.to_numpy()).to_numpy())
+    hashes = fnv1a_column(encoded.dictionary).to_numpy().astype(USER_BYTES, copy=False)
+    return pairs // count, hashes[pairs % count]
+
+
+def _reduce(rows: pa.Table, users: bool, partitions: int) -> _Run:
+    """Rows of ``key, weight[, user]`` as one :class:`_Run`."""
+    index, keys, partition = _numbered(rows.column("key").combine_chunks(), partitions)
+    weights = _sums(index, rows.column("weight"), len(keys))
+    if not users:
+        return _Run(keys, partition, weights, np.zeros(len(keys), np.int64), np.empty(0, USER_BYTES))
+    owner, hashes = _pairs(index, rows.column("user").combine_chunks())
+    return _Run(keys, partition, weights, np.bincount(owner, minlength=len(keys)), hashes)
+
+
+def _combine(runs: list[_Run], partitions: int) -> _Run:
+    """Runs as one: a key's weights summed, its users made distinct."""
+    if len(runs) == 1:
+        return runs[0]
+    known = np.concatenate([run.partition for run in runs])
+    index, keys, partition = _numbered(pa.concat_arrays([run.keys for run in runs]), partitions, known)
+    weights = _sums(index, np.concatenate([run.weights for run in runs]), len(keys))
+    users = np.concatenate([run.users for run in runs])
+    if not users.any():
+        return _Run(keys, partition, weights, np.zeros(len(keys), np.int64), np.empty(0, USER_BYTES))
+    owner = np.repeat(index, users)  # each hash's key
+    pairs = pa.table({"id": owner, "user": np.concatenate([run.hashes for run in runs])})
+    pairs = pairs.group_by(["id", "user"], use_threads=False).aggregate([])
+    owner = pairs.column("id").to_numpy()
+    order = np.argsort(owner, kind="stable")  # key after key
+    hashes = pairs.column("user").to_numpy()[order].astype(USER_BYTES, copy=False)
+    return _Run(keys, partition, weights, np.bincount(owner, minlength=len(keys)), hashes)
+
+
+class _PartialCounts(beam.DoFn):
+    """Per bundle, the sums of its keys as ``(partition, (weights, users))``: one pair per partition,
+    when the bundle ends or when what it holds outgrows ``HOLD``.
+
+    The tables of ``key, weight, user`` are held until they have ``FLUSH`` rows, then reduced to a
+    run: the weight of each distinct key, and each distinct (key, user) pair, users as 64-bit FNV-1a
+    hashes. Runs are combined into one when they hold ``HOLD`` bytes, so what a bundle sends grows
+    with its distinct keys and pairs, not with its lines; a combined run still over half of ``HOLD``
+    (keys and pairs that seldom repeat) is sent at once, so memory stays bounded. ``weights`` is an
+    Arrow IPC table of ``key, weight`` and, with users, ``users``: how many distinct users the key
+    has in this run; ``users`` is those users' hashes, key after key in the table's order, as
+    little-endian uint64 bytes (8 bytes a pair: no key, index or weight; empty without users). A
+    retried bundle starts from nothing, so nothing is counted twice.
     """
 
     FLUSH = 1 << 19
+    HOLD = 128 << 20
 
     def __init__(self, users: bool, partitions: int):
         self.users, self.partitions = users, partitions
@@ -99,60 +181,42 @@ class _PartialCounts(beam.DoFn):
     def start_bundle(self):
         self._parts: list[pa.Table] = []
         self._rows = 0
+        self._runs: list[_Run] = []
 
     def process(self, keys: pa.Table):
         table = keys.select(["key", "weight", "user"] if self.users else ["key", "weight"])
         self._parts.append(table)
         self._rows += table.num_rows
         if self._rows >= self.FLUSH:
-            yield from self._drain()
+            self._flush()
+            if sum(run.nbytes for run in self._runs) > self.HOLD:
+                self._runs = [_combine(self._runs, self.partitions)]
+                if self._runs[0].nbytes > self.HOLD // 2:
+                    yield from self._send()
 
     def finish_bundle(self):
-        for item in self._drain():
+        self._flush()
+        for item in self._send():
             yield WindowedValue(item, MIN_TIMESTAMP, [GlobalWindow()])
 
-    def _drain(self):
-        """The held rows reduced, as one ``(weights, users)`` pair of tables per partition.
+    def _flush(self) -> None:
+        if self._parts:
+            self._runs.append(_reduce(pa.concat_tables(self._parts), self.users, self.partitions))
+            self._parts, self._rows = [], 0
 
-        The distinct keys are hashed once each and ordered by partition, so a row's key is an index
-        into them: the sums and the pairs group integers, and a partition's keys are one slice.
-        """
-        if not self._parts:
+    def _send(self):
+        """The runs held, combined, as one ``(weights, users)`` pair of tables per partition."""
+        if not self._runs:
             return
-        table = pa.concat_tables(self._parts)
-        self._parts, self._rows = [], 0
-        encoded = pc.dictionary_encode(table.column("key").combine_chunks())
-        partition = fnv1a_column(encoded.dictionary).to_numpy() % np.uint64(self.partitions)
-        order = np.argsort(partition, kind="stable")
-        rank = np.empty(len(order), np.int32)
-        rank[order] = np.arange(len(order), dtype=np.int32)
-        distinct, partition = encoded.dictionary.take(order), partition[order]
-        index = rank[encoded.indices.to_numpy(zero_copy_only=False)]
-        part = pa.table({"key": distinct, "weight": _sums(index, table.column("weight"), len(distinct))})
-        starts = np.flatnonzero(np.r_[True, np.diff(partition) != 0])  # each partition's first distinct key
-        ends = np.r_[starts[1:], len(partition)]
+        run, self._runs = _combine(self._runs, self.partitions), []
+        part = pa.table({"key": run.keys, "weight": run.weights})
         if self.users:
-            rows, user = self._pairs(index, table.column("user").combine_chunks())
-            per_key = np.bincount(rows, minlength=len(distinct))
-            part = part.append_column("users", pa.array(per_key, pa.int32()))
-            at = np.r_[0, np.cumsum(per_key)]  # where each key's users start, and the end
-        for first, last in zip(starts, ends):
-            users = user[at[first] : at[last]].tobytes() if self.users else b""
-            yield int(partition[first]), (to_ipc(part.slice(first, last - first)), users)
-
-    @staticmethod
-    def _pairs(index: np.ndarray, users: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """The distinct (key index, user hash) pairs of the rows, by key index; a row without a user
-        is no pair. Users are hashed once each, and a pair is one integer while they are made
-        distinct and sorted."""
-        if users.null_count:
-            valid = pc.is_valid(users).to_numpy(zero_copy_only=False)
-            index, users = index[valid], users.filter(valid)
-        encoded = pc.dictionary_encode(users)
-        count = max(len(encoded.dictionary), 1)
-        pairs = np.sort(pc.unique(index.astype(np.int64) * count + encoded.indices.to_numpy()).to_numpy())
-        hashes = fnv1a_column(encoded.dictionary).to_numpy().astype(USER_BYTES, copy=False)
-        return pairs // count, hashes[pairs % count]
+            part = part.append_column("users", pa.array(run.users, pa.int32()))
+        at = np.r_[0, np.cumsum(run.users)]  # where each key's users start, and the end
+        starts = np.flatnonzero(np.r_[True, np.diff(run.partition) != 0])  # each partition's first key
+        for first, last in zip(starts, np.r_[starts[1:], len(run.keys)]):
+            users = run.hashes[at[first] : at[last]].tobytes()
+            yield int(run.partition[first]), (to_ipc(part.slice(first, last - first)), users)
 
 
 def _merge(partition: int, parts, users: bool = False) -> Iterator[pa.Table]:
