@@ -40,7 +40,7 @@ class _Harness(sdk_worker.SdkHarness):
         with statesampler.instruction_id(request.instruction_id):
             try:
                 response = task()
-            except Exception:  # noqa: BLE001 - the runner raises it in the driver
+            except BaseException:  # noqa: BLE001 - as Beam's: every failure is answered, and the runner raises it
                 response = beam_fn_api_pb2.InstructionResponse(
                     instruction_id=request.instruction_id, error=traceback.format_exc()
                 )
