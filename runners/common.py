@@ -77,13 +77,16 @@ def require_extra(command: str, extra: str, modules: tuple[str, ...]) -> None:
         )
 
 
+LOG_FORMAT, LOG_TIME = "%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"  # the driver's and workers' lines
+
+
 def setup_logging(quiet: bool) -> None:
     """Progress on stderr (INFO, or WARNING with --quiet); Beam's chatter kept out."""
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
+        format=LOG_FORMAT,
+        datefmt=LOG_TIME,
     )
     for noisy in ("absl", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

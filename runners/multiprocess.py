@@ -18,13 +18,10 @@ before its work does (the out-of-memory killer, or a failed start) fails the pip
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Iterator
 
 from apache_beam.portability.api import beam_provision_api_pb2, endpoints_pb2
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -33,6 +30,8 @@ from apache_beam.runners.portability.fn_api_runner.worker_handlers import GrpcWo
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from apache_beam.transforms.environments import Environment, python_sdk_capabilities
 from google.protobuf import json_format, text_format
+
+from querycache.runners.harness import QuietHarness, without_mode_warning
 
 URN = "querycache:env:forked_python:v1"
 _ENDED_BADLY: list[tuple[str, int]] = []  # (worker id, exit status) of this driver's workers
@@ -57,11 +56,14 @@ def prestart(pipeline: str) -> None:
 
 
 def _serve(environment: dict[str, str]) -> None:
-    """A worker: Beam's SDK harness on the runner's control address, until the runner is done."""
+    """A worker: Beam's SDK harness on the runner's control address, until the runner is done; as
+    Beam's worker main builds it, but quiet about the failures it answers (runners/harness.py)."""
     from apache_beam.runners.worker import sdk_worker_main
 
     os.environ.update(environment)
-    sdk_worker_main.main([])
+    _, harness, _ = sdk_worker_main.create_harness(os.environ)  # no log service here: no log handler
+    harness.__class__ = QuietHarness  # Beam builds the harness itself; this class only answers quietly
+    harness.run()
 
 
 @Environment.register_urn(URN, bytes)
@@ -122,23 +124,6 @@ class WorkerLost(ChildProcessError):
             f"{worker_id} of --runner multiprocess {how}{oom}, and the pipeline failed: give the workers "
             "more memory, or fewer of them (-- --direct_num_workers=N)"
         )
-
-
-class _NoModeWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("If direct_num_workers is not equal to 1")
-
-
-@contextlib.contextmanager
-def without_mode_warning() -> Iterator[None]:
-    """Beam warns that its in_memory mode runs one worker: its own worker, not a runner's environment's."""
-    runner_log = logging.getLogger(FnApiRunner.__module__)
-    quiet = _NoModeWarning()
-    runner_log.addFilter(quiet)
-    try:
-        yield
-    finally:
-        runner_log.removeFilter(quiet)
 
 
 class MultiprocessRunner(FnApiRunner):

@@ -5,18 +5,16 @@
 Arrow's kernels and JSON parser run without the GIL, so two bundles on two threads of one process
 overlap: 10M lines on 2 cores (AMD EPYC, AVX-512), 19.0-19.3 s against 21.3-22.1 s one at a time;
 3 and 4 threads measured slower there, and the GIL caps what more cores could give (``multiprocess``
-scales with them). The harness is Beam's own in-process gRPC worker, less one thing: it does not
-print a failed bundle's traceback on stderr, since the runner raises that error in the driver, where
-the command says it in one line (Beam's ``multi_threading`` mode would print it on the user's terminal
-first). Progress records and the driver's loaded model are shared as in Beam's in-memory mode.
+scales with them). The harness is Beam's own in-process gRPC worker, quiet about the failures it
+answers (runners/harness.py: Beam's ``multi_threading`` mode prints them on the user's terminal
+before the command's one line). Progress records and the driver's loaded model are shared as in
+Beam's in-memory mode.
 """
 
 from __future__ import annotations
 
 import threading
-import traceback
 
-from apache_beam.portability.api import beam_fn_api_pb2
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.runners.portability.fn_api_runner.worker_handlers import (
     DATA_BUFFER_TIME_LIMIT_MS,
@@ -25,26 +23,11 @@ from apache_beam.runners.portability.fn_api_runner.worker_handlers import (
     GrpcWorkerHandler,
     WorkerHandler,
 )
-from apache_beam.runners.worker import sdk_worker, statesampler
 from apache_beam.transforms.environments import Environment, python_sdk_capabilities
 
-from querycache.runners.multiprocess import without_mode_warning
+from querycache.runners.harness import QuietHarness, without_mode_warning
 
 URN = "querycache:env:harness_threads:v1"
-
-
-class _Harness(sdk_worker.SdkHarness):
-    """Beam's SDK harness; a failed instruction is answered with its traceback, not also printed."""
-
-    def _execute(self, task, request) -> None:
-        with statesampler.instruction_id(request.instruction_id):
-            try:
-                response = task()
-            except BaseException:  # noqa: BLE001 - as Beam's: every failure is answered, and the runner raises it
-                response = beam_fn_api_pb2.InstructionResponse(
-                    instruction_id=request.instruction_id, error=traceback.format_exc()
-                )
-            self._responses.put(response)
 
 
 @Environment.register_urn(URN, bytes)
@@ -67,7 +50,7 @@ class ThreadWorkerHandler(GrpcWorkerHandler):
         super().__init__(state, provision_info, grpc_server)
 
     def start_worker(self) -> None:
-        self._harness = _Harness(  # as Beam's EmbeddedGrpcWorkerHandler configures its own
+        self._harness = QuietHarness(  # as Beam's EmbeddedGrpcWorkerHandler configures its own
             self.control_address, worker_id=self.worker_id, state_cache_size=STATE_CACHE_SIZE_MB << 20,
             data_buffer_time_limit_ms=DATA_BUFFER_TIME_LIMIT_MS, runner_capabilities=FNAPI_RUNNER_CAPABILITIES,
         )  # fmt: skip

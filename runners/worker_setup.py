@@ -3,7 +3,8 @@
 Logging: Beam's import warns from the root logger, which gives a root without handlers one of its
 own (and every later record of the harness a line on stderr). Set up before that, the workers log
 as the driver does (its format on stderr): querycache's records at the level the preset gives the
-workers, other libraries' errors only.
+workers, other libraries' errors only, and of Beam's only the critical ones (its errors repeat a
+failure that the runner raises in the driver, as in the driver's own logging).
 
 Exit: the fork server ends when the driver does; the teardown of torch, transformers and Beam
 would keep it (and the driver's stdout and stderr, which it shares) another ~1 s, for nothing.
@@ -16,11 +17,12 @@ import logging
 import os
 import sys
 
-FORMAT = "%(asctime)s %(levelname)s %(message)s"
+from querycache.runners.common import LOG_FORMAT, LOG_TIME
 
 
 def _querycache_or_error(record: logging.LogRecord) -> bool:
-    return record.name.startswith("querycache") or record.levelno >= logging.ERROR
+    beam = record.name.startswith("apache_beam")
+    return record.name.startswith("querycache") or record.levelno >= (logging.CRITICAL if beam else logging.ERROR)
 
 
 def setup() -> None:
@@ -28,7 +30,7 @@ def setup() -> None:
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_TIME))
         handler.addFilter(_querycache_or_error)
         root.addHandler(handler)
     atexit.register(os._exit, 0)  # registered before Beam and torch are imported: runs after their handlers

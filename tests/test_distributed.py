@@ -375,3 +375,31 @@ def test_a_pattern_that_matches_nothing_on_the_workers_is_an_error_naming_it(cli
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"--logs {tmp_path}/gone-*.jsonl matched files on the driver but none on the workers" in result.output
     assert not list((tmp_path / "out" / "snapshots").iterdir())
+
+
+WORKERS_SEE_NOTHING = """
+import sys
+if __name__ == "__main__":  # the workers of multiprocess import this script
+    from querycache.runners.common import setup_logging
+    setup_logging(quiet=True)  # as the command does, before Beam's import warns
+    import querycache.pipelines.build as build
+    from querycache.runners.cli import entry
+    build.check_logs = lambda patterns, fields: []  # the driver saw files; the workers will not
+    sys.argv = ["querycache", *sys.argv[1:]]
+    entry()
+"""
+
+
+@pytest.mark.parametrize("runner", ["direct", "multiprocess"])
+def test_a_failure_in_the_workers_is_one_line_on_stderr_without_their_traceback(tiny_bert, tmp_path, runner):
+    """Beam's harness prints each failed bundle's traceback; ours answer the runner without it, and the
+    command says the failure once (on a terminal the tracebacks of every worker came before it)."""
+    script = tmp_path / "workers_see_nothing.py"
+    script.write_text(WORKERS_SEE_NOTHING)
+    args = build_args(str(tmp_path / "gone-*.jsonl"), str(tmp_path / "out"), str(tiny_bert), "--runner", runner)
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [
+        f"Error: --logs {tmp_path}/gone-*.jsonl matched files on the driver but none on the workers; pass a path "
+        "every worker can read (object storage, or a disk they share)"
+    ]
