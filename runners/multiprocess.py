@@ -8,7 +8,8 @@ the model stack is imported when the head is planned, after the last line was re
 ``multiprocessing`` fork server imports them once, started by :func:`prestart` while the command
 line imports the same in the driver (a core that is idle then), and each worker is a fork of it:
 it starts in milliseconds with the model stack loaded. The workers are Beam's own SDK harness,
-connected to the runner as Beam's subprocess workers are, with the driver's environment of the
+quiet about the failures it answers (:mod:`querycache.runners.harness`), connected to the runner
+as Beam's subprocess workers are, with the driver's environment of the
 moment; they log as the driver does (:mod:`querycache.runners.worker_setup`). A worker that ends
 before its work does (the out-of-memory killer, or a failed start) fails the pipeline with
 :class:`WorkerLost`, where Beam's runner would wait for its answer forever. As in any
