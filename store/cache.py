@@ -175,6 +175,17 @@ class ReadThroughCache:
             self._seconds["lookup_seconds"] += time.perf_counter() - partial.started
         return partial.found
 
+    def reuse(self, snapshot_id: str, hits: int) -> bool:
+        """Whether answers of snapshot ``snapshot_id`` may be given again now (it is the one answering);
+        if so they count as ``hits`` hits. ``CURRENT`` is checked as on a lookup."""
+        self._maybe_reload()
+        snap = self._snapshot
+        if snap is None or snap.id != snapshot_id or not self._usable:
+            return False
+        with self._lock:
+            self._counts["hits"] += hits
+        return True
+
     def _lease(self) -> tuple[Snapshot | None, bool]:
         """The serving snapshot, held open until :meth:`_release`."""
         with self._state_lock:

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from querycache.inference import Engine, EngineConfig
 from querycache.inference.model import default_model_dir
 from querycache.runners.cli import main
+from querycache.serve.app import Memo
 from querycache.store import Snapshot, normalize
 from tests.conftest import build_args, free_port, use_s3, write_jsonl
 from tests.store_helpers import make_snapshot
@@ -77,6 +78,18 @@ def server(root, tiny_bert):
 def _unit(vectors) -> np.ndarray:
     vectors = np.asarray(vectors, dtype=np.float64)
     return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+def test_memo_keeps_the_most_recently_used_within_its_bytes():
+    memo = Memo(100)
+    memo.put("a", 1, 40)
+    memo.put("b", 2, 40)
+    assert memo.get("a") == 1  # "b" is now the least recently used
+    memo.put("c", 3, 40)
+    assert (memo.get("a"), memo.get("b"), memo.get("c"), memo.size) == (1, None, 3, 80)
+    memo.put("c", 4, 10)  # put again: its old size is given back
+    memo.put("big", 5, 101)  # over the whole budget: not kept, nothing dropped for it
+    assert (memo.get("c"), memo.get("big"), memo.get("a"), memo.size) == (4, None, 1, 50)
 
 
 def test_hits_are_the_snapshot_answers_and_say_so_in_headers(server, root):

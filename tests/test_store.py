@@ -195,6 +195,18 @@ def test_cache_hits_misses_lru_and_metrics(tmp_path):
     assert m["lru_size"] == 2 and m["snapshot_in_use"] and m["snapshot_id"] == current_id(tmp_path)
 
 
+def test_answers_of_the_serving_snapshot_alone_are_reused_and_counted(tmp_path):
+    first = make_snapshot(tmp_path, vectors(3), EMBED, fingerprint="a" * 64).name
+    cache = ReadThroughCache(tmp_path, check_every=1, check_seconds=0, fingerprint="a" * 64)
+    assert cache.reuse(first, 2) and cache.metrics()["hits"] == 2
+    second = make_snapshot(tmp_path, vectors(3, seed=1), EMBED, fingerprint="a" * 64).name
+    cache.refresh()
+    assert not cache.reuse(first, 2) and cache.reuse(second, 1) and cache.metrics()["hits"] == 3
+    other = make_snapshot(tmp_path, vectors(3), EMBED, fingerprint="b" * 64).name
+    cache.refresh()
+    assert not cache.reuse(other, 1) and cache.metrics()["hits"] == 3  # another model version
+
+
 def test_cache_never_answers_from_another_model_version(tmp_path):
     make_snapshot(tmp_path, vectors(3), EMBED, fingerprint="a" * 64)
     model = Model(fingerprint="b" * 64)
