@@ -124,7 +124,8 @@ def serve(
         raise UserError(str(err)) from None
     served = Path(service.model.get("model_dir") or "querycache")
     served_name = served_model_name or (served.parent.name if served.name == "model" else served.name)
-    uvicorn_settings = {"host": host, "port": port, "loop": "uvloop", "http": "httptools"}
+    # uvicorn's httptools protocol, writing a response's head with its body (serve/http.py)
+    uvicorn_settings = {"host": host, "port": port, "loop": "uvloop", "http": "querycache.serve.http:OneWriteProtocol"}
     uvicorn_settings["log_level"] = "warning" if quiet else "info"
     if workers > 1:  # checked above; each worker opens the root and loads the model itself
         service.close()

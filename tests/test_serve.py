@@ -11,19 +11,23 @@ import base64
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
+import uvicorn
 from click.testing import CliRunner
 
 from querycache.inference import Engine, EngineConfig
 from querycache.inference.model import default_model_dir
 from querycache.runners.cli import main
 from querycache.serve.app import Memo
+from querycache.serve.http import OneWriteProtocol
 from querycache.store import Snapshot, normalize
 from tests.conftest import build_args, free_port, use_s3, write_jsonl
 from tests.store_helpers import make_snapshot
@@ -547,6 +551,73 @@ def test_no_fallback_answers_only_the_snapshot_without_loading_a_model(root, tmp
 def test_no_fallback_refuses_a_model_in_one_line(cli, root, tiny_bert):
     result = cli("serve", str(root), "--no-fallback", "--model", str(tiny_bert))
     assert result.exit_code == 2 and "--no-fallback loads no model" in result.output
+
+
+class _Counted(OneWriteProtocol):
+    """OneWriteProtocol whose socket transport notes what each write sends (and sends it)."""
+
+    writes: list[bytes] = []
+
+    def connection_made(self, transport) -> None:
+        writes = self.writes
+
+        class Noted:
+            def write(self, data: bytes) -> None:
+                writes.append(bytes(data))
+                transport.write(data)
+
+            def __getattr__(self, name: str):
+                return getattr(transport, name)
+
+        super().connection_made(Noted())
+
+
+async def _answer(scope, receive, send) -> None:
+    if scope["type"] == "http":
+        while (await receive()).get("more_body"):
+            pass
+        body = b"x" * 5000
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5000")]})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+
+def test_an_answer_is_one_write_and_100_continue_and_head_go_at_once():
+    """The status line and headers leave in one write with the body: one segment, not two."""
+    config = uvicorn.Config(
+        _answer, port=free_port(), http=_Counted, loop="uvloop", lifespan="off", log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    post = b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n"
+    try:
+        with socket.create_connection(("127.0.0.1", config.port), timeout=10) as sock:
+
+            def ask(request: bytes, end: bytes) -> list[bytes]:
+                """What the server wrote for ``request``, once what came back ends with ``end``."""
+                _Counted.writes.clear()
+                sock.sendall(request)
+                got = b""
+                while not got.endswith(end):
+                    chunk = sock.recv(1 << 16)
+                    assert chunk, f"the connection closed after {got!r}"
+                    got += chunk
+                return list(_Counted.writes)
+
+            (whole,) = ask(post + b"\r\n{}", b"x" * 5000)
+            assert whole.startswith(b"HTTP/1.1 200") and whole.endswith(b"\r\n\r\n" + b"x" * 5000)
+            (head,) = ask(b"HEAD / HTTP/1.1\r\nhost: t\r\n\r\n", b"\r\n\r\n")  # no body: the head goes alone
+            assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")
+            # a client that asks to continue hears so before it sends the body
+            go_on = b"HTTP/1.1 100 Continue\r\n\r\n"
+            assert ask(post + b"expect: 100-continue\r\n\r\n", go_on) == [go_on]
+            (whole,) = ask(b"{}", b"x" * 5000)
+            assert whole.startswith(b"HTTP/1.1 200")
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_unknown_paths_and_methods_are_json_errors(server):
