@@ -127,6 +127,8 @@ def serve(
     # uvicorn's httptools protocol, writing a response's head with its body (serve/http.py)
     uvicorn_settings = {"host": host, "port": port, "loop": "uvloop", "http": "querycache.serve.http:OneWriteProtocol"}
     uvicorn_settings["log_level"] = "warning" if quiet else "info"
+    # quiet: no access log, and so no use for the client address behind a proxy; no header naming the server
+    uvicorn_settings |= {"access_log": not quiet, "proxy_headers": not quiet, "server_header": False}
     if workers > 1:  # checked above; each worker opens the root and loads the model itself
         service.close()
         settings = {"root": str(root), "model_dir": model_dir, "device": device, "no_fallback": no_fallback}

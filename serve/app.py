@@ -189,8 +189,8 @@ class _Disconnected(Exception):
 
 async def read_body(receive: Callable, limit: int) -> bytes:
     """The request body, refused (413) past ``limit`` bytes without reading the rest."""
-    chunks, size, more = [], 0, True
-    while more:
+    chunks, size = [], 0
+    while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise _Disconnected
@@ -198,9 +198,9 @@ async def read_body(receive: Callable, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             raise ApiError(413, "Validation", f"the request body is over the {limit:,}-byte limit")
+        if not message.get("more_body", False):
+            return b"".join([*chunks, chunk]) if chunks else chunk  # most bodies come in one message
         chunks.append(chunk)
-        more = message.get("more_body", False)
-    return b"".join(chunks)
 
 
 class App:
@@ -304,7 +304,7 @@ def create_app(
                     in_flight -= 1
                 metrics.request(method, started, None)
                 took = b"%d" % round((time.perf_counter() - started) * 1000)
-                return reply._replace(headers=(*reply.headers, (b"x-total-time", took)))
+                return Reply(reply.status, reply.body, reply.content_type, (*reply.headers, (b"x-total-time", took)))
 
             return endpoint
 

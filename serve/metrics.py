@@ -32,10 +32,11 @@ class Histogram:
     def __init__(self, slots: Slots, name: str, help_text: str, buckets: tuple[float, ...]):
         self.slots, self.name, self.help, self.buckets = slots, name, help_text, buckets
         self._names = [f'{name}_bucket{{le="{bound}"}}' for bound in [*map(str, buckets), "+Inf"]]
+        self._sum = f"{name}_sum"
 
     def observe(self, value: float) -> None:
         self.slots.add(self._names[bisect.bisect_left(self.buckets, value)])
-        self.slots.add(f"{self.name}_sum", value)
+        self.slots.add(self._sum, value)
 
     def lines(self, values: Mapping[str, float]) -> list[str]:
         """Its exposition from ``values`` (its slots, or every worker's summed); buckets cumulative."""
@@ -44,7 +45,7 @@ class Histogram:
         for name in self._names:
             total += int(values.get(name, 0))
             out.append(f"{name} {total}")
-        return [*out, f"{self.name}_sum {values.get(f'{self.name}_sum', 0.0)}", f"{self.name}_count {total}"]
+        return [*out, f"{self._sum} {values.get(self._sum, 0.0)}", f"{self.name}_count {total}"]
 
 
 def _family(name: str, kind: str, help_text: str, value: float) -> list[str]:
@@ -71,15 +72,18 @@ class Metrics:
         self.inference_duration = Histogram(self.slots, "te_inference_duration", "Seconds of one engine round", SECONDS)
         self.batch_size = Histogram(self.slots, "te_batch_next_size", "Distinct queries of one engine round", SIZES)
         self.batch_tokens = Histogram(self.slots, "te_batch_next_tokens", "Tokens of one engine round", TOKENS)
+        self._request_names: dict[tuple[str, str | None], tuple[str, str]] = {}  # the slots a request adds to
 
     def request(self, method: str, started: float, error_type: str | None) -> None:
         """Count a finished request of route ``method``; ``error_type`` None for a success."""
-        add = self.slots.add
-        add(f'te_request_count{{method="{method}"}}')
-        if error_type is None:
-            add(f'te_request_success{{method="{method}"}}')
-        else:
-            add(f'te_request_failure{{err="{error_type.lower()}"}}')
+        names = self._request_names.get((method, error_type))
+        if names is None:
+            outcome = f'te_request_failure{{err="{error_type.lower()}"}}' if error_type else None
+            names = f'te_request_count{{method="{method}"}}', outcome or f'te_request_success{{method="{method}"}}'
+            self._request_names[method, error_type] = names
+        count, outcome = names
+        self.slots.add(count)
+        self.slots.add(outcome)
         self.request_duration.observe(time.perf_counter() - started)
 
     def round(self, queries: int, tokens: int, seconds: float, waits: list[float], queued: int = 0) -> None:

@@ -109,6 +109,13 @@ def test_hits_are_the_snapshot_answers_and_say_so_in_headers(server, root):
     np.testing.assert_allclose(raw, [expected[2]], rtol=1e-6)
 
 
+def test_a_body_that_arrives_in_parts_is_read_whole(server):
+    """1.5 MB (under the 2 MB limit) crosses loopback in several reads: the server joins them."""
+    padded = server.post("/embed", json={"inputs": ["red shoes"], "padding": "x" * 1_500_000})
+    plain = server.post("/embed", json={"inputs": ["red shoes"]})
+    assert padded.status_code == 200 and padded.json() == plain.json()
+
+
 def test_misses_come_from_the_snapshots_model_version(server, root, tiny_bert):
     with Snapshot.open(root) as snap:
         model = snap.manifest["model"]
