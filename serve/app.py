@@ -76,7 +76,7 @@ class ApiError(Exception):
 
 
 class Reply(NamedTuple):
-    """An HTTP answer: status, body, content type and extra headers.
+    """An HTTP answer: status, body and every header (:func:`reply` adds the content type and length).
 
     ``reuse`` is ``(snapshot id, hits)`` where the snapshot answered the whole request: the same
     request to the same route is answered with this reply again, as that many hits, while that
@@ -85,9 +85,21 @@ class Reply(NamedTuple):
 
     status: int
     body: bytes
-    content_type: bytes = b"application/json"
-    headers: tuple[tuple[bytes, bytes], ...] = ()
+    headers: tuple[tuple[bytes, bytes], ...]
     reuse: tuple[str, int] | None = None
+
+
+def reply(
+    status: int,
+    body: bytes,
+    content_type: bytes = b"application/json",
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+    reuse: tuple[str, int] | None = None,
+) -> Reply:
+    """A :class:`Reply` of ``body`` with its content type and length, then ``headers``."""
+    return Reply(
+        status, body, ((b"content-type", content_type), (b"content-length", b"%d" % len(body)), *headers), reuse
+    )
 
 
 def _dumps(body: Any) -> bytes:
@@ -95,7 +107,7 @@ def _dumps(body: Any) -> bytes:
 
 
 def _json(body: Any, status: int = 200) -> Reply:
-    return Reply(status, _dumps(body))
+    return reply(status, _dumps(body))
 
 
 def _parse(raw: bytes) -> dict:
@@ -222,24 +234,23 @@ class App:
         handler = methods and methods.get("GET" if method == "HEAD" else method)
         try:
             if handler is None:
-                reply = self._unrouted(scope["path"], method, methods)
+                answer = self._unrouted(scope["path"], method, methods)
             else:
-                reply = await handler(receive)
+                answer = await handler(receive)
         except _Disconnected:
             return
         except Exception as err:  # noqa: BLE001 - a failure answers its request, the server goes on
             log.exception("%s %s failed", method, scope["path"])
-            reply = _tei_error(ApiError(500, "Backend", f"the server failed on this request: {err}"[:300]))
-        headers = [(b"content-type", reply.content_type), (b"content-length", b"%d" % len(reply.body)), *reply.headers]
-        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else reply.body})
+            answer = _tei_error(ApiError(500, "Backend", f"the server failed on this request: {err}"[:300]))
+        await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else answer.body})
 
     def _unrouted(self, path: str, method: str, methods: dict | None) -> Reply:
         if methods is None:
             return _tei_error(ApiError(404, "NotFound", f"no route {path}: see GET /info for what this server answers"))
         allowed = ", ".join(sorted(methods))
-        reply = _tei_error(ApiError(405, "Validation", f"{path} answers {allowed}, not {method}"))
-        return reply._replace(headers=((b"allow", allowed.encode()),))
+        refused = _tei_error(ApiError(405, "Validation", f"{path} answers {allowed}, not {method}"))
+        return refused._replace(headers=(*refused.headers, (b"allow", allowed.encode())))
 
     async def _lifespan(self, receive: Callable, send: Callable) -> None:
         while True:
@@ -292,11 +303,11 @@ def create_app(
                 try:
                     raw = await read_body(receive, limits.payload_limit)
                     key = (method, raw) if len(raw) <= MEMO_BODY else None
-                    reply = key and replies.get(key)
-                    if reply is None or not service.cache.reuse(*reply.reuse):
-                        reply = await handler(_parse(raw))
-                        if key and reply.reuse:
-                            replies.put(key, reply, len(raw) + len(reply.body))
+                    answer = key and replies.get(key)
+                    if answer is None or not service.cache.reuse(*answer.reuse):
+                        answer = await handler(_parse(raw))
+                        if key and answer.reuse:
+                            replies.put(key, answer, len(raw) + len(answer.body))
                 except ApiError as err:
                     metrics.request(method, started, err.error_type)
                     return render(err)
@@ -304,7 +315,7 @@ def create_app(
                     in_flight -= 1
                 metrics.request(method, started, None)
                 took = b"%d" % round((time.perf_counter() - started) * 1000)
-                return Reply(reply.status, reply.body, reply.content_type, (*reply.headers, (b"x-total-time", took)))
+                return Reply(answer.status, answer.body, (*answer.headers, (b"x-total-time", took)), answer.reuse)
 
             return endpoint
 
@@ -382,7 +393,7 @@ def create_app(
             (b"x-querycache-snapshot", (found.snapshot_id or "").encode()),
         )
         whole = found.snapshot_id is not None and found.hits == len(found.keys)
-        return Reply(200, body, headers=headers, reuse=(found.snapshot_id, found.hits) if whole else None)
+        return reply(200, body, headers=headers, reuse=(found.snapshot_id, found.hits) if whole else None)
 
     @route("embed", _tei_error)
     async def embed(body: dict) -> Reply:
@@ -456,11 +467,11 @@ def create_app(
 
     async def prometheus(receive: Callable) -> Reply:
         text = metrics.render(service.cache.metrics(), service.task, service.batcher.queued() if service.batcher else 0)
-        return Reply(200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8")
+        return reply(200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8")
 
     async def health(receive: Callable) -> Reply:
         if service.ready():
-            return Reply(200, b"", b"text/plain")
+            return reply(200, b"", b"text/plain")
         return _tei_error(ApiError(503, "Unhealthy", "no snapshot is being served"))
 
     async def info(receive: Callable) -> Reply:
