@@ -1,12 +1,15 @@
 """``querycache serve`` under load from wrk on loopback, in one run against its own ``/health`` floor.
 
-    python bench/serve.py [--queries 2000] [--seconds 10] [--model DIR] [--workers N]
+    python bench/serve.py [--queries 2000] [--seconds 10] [--model DIR] [--workers N] [--share-cores]
 
 Builds a snapshot of ``--queries`` generated queries (the shipped MiniLM unless ``--model``), starts
 the server as its own process, then drives it with wrk (Debian's ``wrk``): ``/health`` (the HTTP
 floor), one-input ``/embed`` hits, misses (a new query each request) at 1 and 64 connections, and an
 80/20 hit/miss mix at 64. Prints requests/s, p50 and p99 latency, non-2xx replies and the ratios of
 the targets of issue 20: hits / floor >= 0.7, hit p99 <= 10 ms, misses at 64 / misses at 1 >= 3.
+
+The servers run on the first half of the machine's cores and wrk on the other half (``--share-cores``:
+all of them share all), so that the load generator's own work is not taken from the server's.
 
 The ceiling of a hit is measured in the same run: a ten-line ASGI callable on the same uvicorn, set
 up as ``serve --quiet`` sets it up, answering every request of the hits script with the bytes of one
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import socket
@@ -80,9 +84,18 @@ def _build(queries: int, model: str | None, tmp: Path) -> tuple[Path, list[str]]
     return tmp / "root", heads
 
 
+SERVER_CORES: set[int] | None = None  # where the servers run and, the rest, where wrk runs (None: anywhere)
+WRK_CORES: set[int] | None = None
+
+
+def _on(cores: set[int] | None):
+    """A ``preexec_fn`` keeping a child process on ``cores``."""
+    return (lambda: os.sched_setaffinity(0, cores)) if cores else None
+
+
 def _wrk(url: str, connections: int, seconds: int, script: Path | None) -> dict:
     command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *(["-s", str(script)] if script else [])]
-    out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([*command, url], capture_output=True, text=True, check=True, preexec_fn=_on(WRK_CORES)).stdout
     unit = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
     def latency(pct: str) -> float:
@@ -102,7 +115,7 @@ def _wrk(url: str, connections: int, seconds: int, script: Path | None) -> dict:
 
 def _start(command: list[str], url: str) -> subprocess.Popen:
     """A server process, once ``url``/health answers."""
-    server = subprocess.Popen(command)
+    server = subprocess.Popen(command, preexec_fn=_on(SERVER_CORES))
     for _ in range(300):
         try:
             urllib.request.urlopen(f"{url}/health", timeout=1)
@@ -119,7 +132,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--model")
     parser.add_argument("--workers", type=int, default=1, help="serve --workers (the ceiling app gets as many)")
+    parser.add_argument("--share-cores", action="store_true", help="servers and wrk on all cores, not half each")
     args = parser.parse_args()
+    global SERVER_CORES, WRK_CORES
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) > 1 and not args.share_cores:
+        SERVER_CORES, WRK_CORES = set(cores[: len(cores) // 2]), set(cores[len(cores) // 2 :])
     if shutil.which("wrk") is None:
         sys.exit("bench/serve.py needs wrk: apt-get install wrk")
     with tempfile.TemporaryDirectory(prefix="qc-serve-bench-") as name:
@@ -165,7 +183,12 @@ def main() -> None:
             ceiling.terminate()
             ceiling.wait(30)
     head = f"model {info['model_id']} ({info['model_dtype']}), {len(heads)} stored queries, wrk -t1 {args.seconds} s"
-    print(f"{head}, {args.workers} server process(es)")
+    where = (
+        f"servers on cores {sorted(SERVER_CORES)}, wrk on {sorted(WRK_CORES)}"
+        if SERVER_CORES
+        else "all share the cores"
+    )
+    print(f"{head}, {args.workers} server process(es), {where}")
     print(f"{'run':34s} {'requests/s':>11s} {'p50 ms':>8s} {'p99 ms':>8s} {'non-2xx':>8s}")
     for label, f in figures.items():
         row = f"{label:34s} {f['rps']:11,.0f} {f['p50_ms']:8.2f} {f['p99_ms']:8.2f} {f['non_2xx']:8d}"
