@@ -28,7 +28,7 @@ The application is a plain ASGI callable (exact paths, a lifespan, no middleware
 is joined from the cached JSON of its rows, and a request body the serving snapshot answered whole
 is answered with the same reply again, without parsing or a lookup, while that snapshot serves
 (:class:`Memo`: the head's requests repeat byte for byte). One-input hits went from 8.8k a second
-(Starlette, an encode per request) to 15.5k, then ~23k (``bench/README.md``).
+(Starlette, an encode per request) to 15.5k, then ~30k on one core (``bench/README.md``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the body when it sends ``http.response.body``: two writes to the socket, two seg
 for every answer with a body. :class:`OneWriteProtocol` (``uvicorn.run(..., http=...)``) gives each
 request's cycle a transport that holds the head until the first body chunk and sends both at once;
 the rest of the exchange is uvicorn's own. One-input hits under wrk, the server on one core:
-19.7k -> 23.3k a second (medians of four interleaved runs; ``bench/README.md``).
+19.7k -> 23.3k a second (medians of four interleaved runs, ``bench/README.md``).
 """
 
 from __future__ import annotations
