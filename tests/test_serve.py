@@ -590,9 +590,8 @@ async def _answer(scope, receive, send) -> None:
 
 def test_an_answer_is_one_write_and_100_continue_and_head_go_at_once():
     """The status line and headers leave in one write with the body: one segment, not two."""
-    config = uvicorn.Config(
-        _answer, port=free_port(), http=_Counted, loop="uvloop", lifespan="off", log_level="warning"
-    )
+    # log_config None: the test process's logging stays as it is
+    config = uvicorn.Config(_answer, port=free_port(), http=_Counted, loop="uvloop", lifespan="off", log_config=None)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
