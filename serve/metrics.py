@@ -72,18 +72,15 @@ class Metrics:
         self.inference_duration = Histogram(self.slots, "te_inference_duration", "Seconds of one engine round", SECONDS)
         self.batch_size = Histogram(self.slots, "te_batch_next_size", "Distinct queries of one engine round", SIZES)
         self.batch_tokens = Histogram(self.slots, "te_batch_next_tokens", "Tokens of one engine round", TOKENS)
-        self._request_names: dict[tuple[str, str | None], tuple[str, str]] = {}  # the slots a request adds to
 
     def request(self, method: str, started: float, error_type: str | None) -> None:
         """Count a finished request of route ``method``; ``error_type`` None for a success."""
-        names = self._request_names.get((method, error_type))
-        if names is None:
-            outcome = f'te_request_failure{{err="{error_type.lower()}"}}' if error_type else None
-            names = f'te_request_count{{method="{method}"}}', outcome or f'te_request_success{{method="{method}"}}'
-            self._request_names[method, error_type] = names
-        count, outcome = names
-        self.slots.add(count)
-        self.slots.add(outcome)
+        add = self.slots.add
+        add(f'te_request_count{{method="{method}"}}')
+        if error_type is None:
+            add(f'te_request_success{{method="{method}"}}')
+        else:
+            add(f'te_request_failure{{err="{error_type.lower()}"}}')
         self.request_duration.observe(time.perf_counter() - started)
 
     def round(self, queries: int, tokens: int, seconds: float, waits: list[float], queued: int = 0) -> None:
