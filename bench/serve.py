@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--share-cores", action="store_true", help="servers and wrk on all cores, not half each")
     args = parser.parse_args()
     global SERVER_CORES, WRK_CORES
-    cores = sorted(os.sched_getaffinity(0))
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []  # Linux: else shared
     if len(cores) > 1 and not args.share_cores:
         SERVER_CORES, WRK_CORES = set(cores[: len(cores) // 2]), set(cores[len(cores) // 2 :])
     if shutil.which("wrk") is None:
