@@ -27,8 +27,10 @@ them, so the event loop never waits for the model.
 The application is a plain ASGI callable (exact paths, a lifespan, no middleware). A hit's answer
 is joined from the cached JSON of its rows, and a request body the serving snapshot answered whole
 is answered with the same reply again, without parsing or a lookup, while that snapshot serves
-(:class:`Memo`: the head's requests repeat byte for byte). One-input hits went from 8.8k a second
-(Starlette, an encode per request) to 15.5k, then ~30k on one core (``bench/README.md``).
+(:class:`Memo`: the head's requests repeat byte for byte); :attr:`App.reused` lets the server's
+protocol (``http.py``) give that reply before the application's task starts. One-input hits went
+from 8.8k a second (Starlette, an encode per request) to 15.5k, then ~30k on one core
+(``bench/README.md``).
 """
 
 from __future__ import annotations
@@ -220,10 +222,18 @@ class App:
 
     ``routes`` maps a path to ``{method: handler}``; a handler takes the ASGI ``receive`` (to read the
     body with :func:`read_body`) and returns a :class:`Reply`. ``on_shutdown`` runs when the server stops.
+    ``reused`` maps a POST path to a function giving the reply of a body the serving snapshot answered
+    whole before (timed and counted as the route does), or None: a server may answer such a request
+    with it before the application runs (``serve/http.py``).
     """
 
-    def __init__(self, routes: dict[str, dict[str, Handler]], on_shutdown: Callable[[], None]):
-        self.routes, self.on_shutdown = routes, on_shutdown
+    def __init__(
+        self,
+        routes: dict[str, dict[str, Handler]],
+        on_shutdown: Callable[[], None],
+        reused: dict[str, Callable[[bytes], Reply | None]] | None = None,
+    ):
+        self.routes, self.on_shutdown, self.reused = routes, on_shutdown, reused or {}
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
@@ -284,14 +294,32 @@ def create_app(
 
     replies = Memo(32 << 20)  # whole answers of the snapshot, by route and request body
 
+    reusers: dict[Handler, Callable[[bytes], Reply | None]] = {}
+
     def route(method: str, render: Callable[[ApiError], Reply]) -> Callable:
         """A handler of a POST body that answers an :class:`ApiError` in ``render``'s shape, and 429 when full.
 
         A request whose body was answered whole from the snapshot serving now is answered with that
-        reply again, without parsing or looking up (one dictionary lookup for the head's requests).
+        reply again, without parsing or looking up (one dictionary lookup for the head's requests),
+        here or, through ``App.reused``, by the server before the handler runs.
         """
 
         def wrap(handler: Callable[[dict], Awaitable[Reply]]) -> Handler:
+            def done(answer: Reply, started: float) -> Reply:
+                metrics.request(method, started, None)
+                took = b"%d" % round((time.perf_counter() - started) * 1000)
+                return Reply(answer.status, answer.body, (*answer.headers, (b"x-total-time", took)), answer.reuse)
+
+            def again(raw: bytes, started: float) -> Reply | None:
+                """The reply of ``raw`` again, counted, if the snapshot serving now answered it whole before."""
+                answer = replies.get((method, raw)) if len(raw) <= MEMO_BODY else None
+                if answer is None or not service.cache.reuse(*answer.reuse):
+                    return None
+                return done(answer, started)
+
+            def reused(raw: bytes) -> Reply | None:  # App.reused: not when full, that answer is a 429
+                return None if in_flight >= limits.max_concurrent_requests else again(raw, time.perf_counter())
+
             async def endpoint(receive: Callable) -> Reply:
                 nonlocal in_flight
                 started = time.perf_counter()
@@ -302,21 +330,20 @@ def create_app(
                 in_flight += 1
                 try:
                     raw = await read_body(receive, limits.payload_limit)
-                    key = (method, raw) if len(raw) <= MEMO_BODY else None
-                    answer = key and replies.get(key)
-                    if answer is None or not service.cache.reuse(*answer.reuse):
-                        answer = await handler(_parse(raw))
-                        if key and answer.reuse:
-                            replies.put(key, answer, len(raw) + len(answer.body))
+                    answer = again(raw, started)
+                    if answer is not None:
+                        return answer
+                    answer = await handler(_parse(raw))
+                    if answer.reuse and len(raw) <= MEMO_BODY:
+                        replies.put((method, raw), answer, len(raw) + len(answer.body))
                 except ApiError as err:
                     metrics.request(method, started, err.error_type)
                     return render(err)
                 finally:
                     in_flight -= 1
-                metrics.request(method, started, None)
-                took = b"%d" % round((time.perf_counter() - started) * 1000)
-                return Reply(answer.status, answer.body, (*answer.headers, (b"x-total-time", took)), answer.reuse)
+                return done(answer, started)
 
+            reusers[endpoint] = reused
             return endpoint
 
         return wrap
@@ -492,4 +519,4 @@ def create_app(
         "/metrics": {"GET": prometheus},
         "/info": {"GET": info},
     }
-    return App(routes, shutdown)
+    return App(routes, shutdown, {path: reusers[m["POST"]] for path, m in routes.items() if m.get("POST") in reusers})

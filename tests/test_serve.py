@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import gc
 import json
 import shutil
 import signal
@@ -22,11 +24,12 @@ import numpy as np
 import pytest
 import uvicorn
 from click.testing import CliRunner
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from querycache.inference import Engine, EngineConfig
 from querycache.inference.model import default_model_dir
 from querycache.runners.cli import main
-from querycache.serve.app import Memo
+from querycache.serve.app import App, Memo, Reply, read_body, reply
 from querycache.serve.http import OneWriteProtocol
 from querycache.store import Snapshot, normalize
 from tests.conftest import build_args, free_port, use_s3, write_jsonl
@@ -242,6 +245,17 @@ def test_requests_over_the_concurrency_limit_are_answered_429_at_once(root, tiny
         codes = asyncio.run(burst())
         assert 200 in codes and 429 in codes and set(codes) == {200, 429}
         assert httpx.post(f"{url}/v1/embeddings", json={"input": "rome"}).status_code == 200
+        # a request the snapshot answered whole before is refused too while the slot is taken: here by
+        # a request whose body the server waits for
+        hit = {"inputs": [STORED[0]]}
+        assert httpx.post(f"{url}/embed", json=hit).status_code == 200
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30) as held:
+            held.sendall(b"POST /embed HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n")
+            assert held.recv(64).startswith(b"HTTP/1.1 100 Continue")
+            assert httpx.post(f"{url}/embed", json=hit).status_code == 429
+            held.sendall(b"{}")
+            assert held.recv(1 << 16).startswith(b"HTTP/1.1 422")
+        assert httpx.post(f"{url}/embed", json=hit).status_code == 200
     finally:
         _stop(process)
 
@@ -296,9 +310,9 @@ def test_snapshots_published_under_load_are_served_without_a_failure_or_a_mixed_
     finally:
         _stop(process)
     assert replies and all(r.status_code == 200 for r in replies)
-    for reply in replies:
-        expected = answers[reply.headers["x-querycache-snapshot"]]  # one snapshot answered all of a request
-        np.testing.assert_allclose(reply.json(), [expected[k] for k in STORED], rtol=1e-5, atol=1e-6)
+    for r in replies:
+        expected = answers[r.headers["x-querycache-snapshot"]]  # one snapshot answered all of a request
+        np.testing.assert_allclose(r.json(), [expected[k] for k in STORED], rtol=1e-5, atol=1e-6)
     assert {r.headers["x-querycache-snapshot"] for r in replies[-8:]} == {max(answers)}
     assert len({r.headers["x-querycache-snapshot"] for r in replies}) >= 5
 
@@ -588,42 +602,130 @@ async def _answer(scope, receive, send) -> None:
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
 
-def test_an_answer_is_one_write_and_100_continue_and_head_go_at_once():
-    """The status line and headers leave in one write with the body: one segment, not two."""
+@contextlib.contextmanager
+def _uvicorn(app, protocol=OneWriteProtocol, **settings):
+    """A real uvicorn server of ``app`` in this process (its port), quiet as ``serve --quiet`` is."""
     # log_config None: the test process's logging stays as it is
-    config = uvicorn.Config(_answer, port=free_port(), http=_Counted, loop="uvloop", lifespan="off", log_config=None)
+    quiet = {"access_log": False, "proxy_headers": False, "server_header": False, **settings}
+    config = uvicorn.Config(
+        app, port=free_port(), http=protocol, loop="uvloop", lifespan="off", log_config=None, **quiet
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
-    post = b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n"
     try:
-        with socket.create_connection(("127.0.0.1", config.port), timeout=10) as sock:
-
-            def ask(request: bytes, end: bytes) -> list[bytes]:
-                """What the server wrote for ``request``, once what came back ends with ``end``."""
-                _Counted.writes.clear()
-                sock.sendall(request)
-                got = b""
-                while not got.endswith(end):
-                    chunk = sock.recv(1 << 16)
-                    assert chunk, f"the connection closed after {got!r}"
-                    got += chunk
-                return list(_Counted.writes)
-
-            (whole,) = ask(post + b"\r\n{}", b"x" * 5000)
-            assert whole.startswith(b"HTTP/1.1 200") and whole.endswith(b"\r\n\r\n" + b"x" * 5000)
-            (head,) = ask(b"HEAD / HTTP/1.1\r\nhost: t\r\n\r\n", b"\r\n\r\n")  # no body: the head goes alone
-            assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")
-            # a client that asks to continue hears so before it sends the body
-            go_on = b"HTTP/1.1 100 Continue\r\n\r\n"
-            assert ask(post + b"expect: 100-continue\r\n\r\n", go_on) == [go_on]
-            (whole,) = ask(b"{}", b"x" * 5000)
-            assert whole.startswith(b"HTTP/1.1 200")
+        yield config.port
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_an_answer_is_one_write_and_100_continue_and_head_go_at_once():
+    """The status line and headers leave in one write with the body: one segment, not two."""
+    post = b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n"
+    with _uvicorn(_answer, _Counted) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+
+        def ask(request: bytes, end: bytes) -> list[bytes]:
+            """What the server wrote for ``request``, once what came back ends with ``end``."""
+            _Counted.writes.clear()
+            sock.sendall(request)
+            got = b""
+            while not got.endswith(end):
+                chunk = sock.recv(1 << 16)
+                assert chunk, f"the connection closed after {got!r}"
+                got += chunk
+            return list(_Counted.writes)
+
+        (whole,) = ask(post + b"\r\n{}", b"x" * 5000)
+        assert whole.startswith(b"HTTP/1.1 200") and whole.endswith(b"\r\n\r\n" + b"x" * 5000)
+        (head,) = ask(b"HEAD / HTTP/1.1\r\nhost: t\r\n\r\n", b"\r\n\r\n")  # no body: the head goes alone
+        assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")
+        # a client that asks to continue hears so before it sends the body
+        go_on = b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert ask(post + b"expect: 100-continue\r\n\r\n", go_on) == [go_on]
+        (whole,) = ask(b"{}", b"x" * 5000)
+        assert whole.startswith(b"HTTP/1.1 200")
+
+
+def _read_answers(sock: socket.socket, count: int) -> list[tuple[bytes, bytes]]:
+    """The next ``count`` answers on ``sock``: (head, body) each, the body by its content-length."""
+    got, answers = b"", []
+    while len(answers) < count:
+        head, sep, rest = got.partition(b"\r\n\r\n")
+        length = next((int(line[15:]) for line in head.split(b"\r\n") if line.startswith(b"content-length: ")), -1)
+        if sep and (length == 0 or len(rest) >= length):  # an interim 100 has no content-length: length 0
+            answers.append((head, rest[: max(length, 0)]))
+            got = rest[max(length, 0) :]
+            continue
+        chunk = sock.recv(1 << 16)
+        assert chunk, f"the connection closed after {got!r}"
+        got += chunk
+    assert not got, f"more than {count} answers: {got!r}"
+    return answers
+
+
+def test_the_protocol_answers_a_reused_body_itself_and_the_application_everything_else():
+    """A body the application's ``reused`` answers is answered without the application, in order, on
+    keep-alive and closing connections; a body that must reach the application does."""
+    bodies: list[bytes] = []
+
+    async def echo(receive):
+        bodies.append(await read_body(receive, 8 << 20))
+        return reply(200, b"app:%d" % len(bodies[-1]))
+
+    def reused(raw: bytes, started: float | None = None) -> Reply | None:
+        return reply(200, b"memo", headers=((b"x-querycache-hits", b"1"),)) if raw == b"known" else None
+
+    app = App({"/r": {"POST": echo}}, lambda: None, {"/r": reused})
+    post = b"POST /r HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n"
+    with _uvicorn(app) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+
+        def ask(*parts: bytes, count: int = 1) -> list[tuple[bytes, bytes]]:
+            for part in parts:
+                sock.sendall(part)
+                time.sleep(0.05)  # parts arrive apart
+            return _read_answers(sock, count)
+
+        ((head, body),) = ask(post % 5 + b"\r\nknown")
+        assert head.startswith(b"HTTP/1.1 200") and b"x-querycache-hits: 1" in head and body == b"memo"
+        assert b"date: " in head and bodies == []
+        assert ask(post % 5 + b"\r\nother")[0][1] == b"app:5" and bodies == [b"other"]
+        # pipelined: in order; one that waited behind the application's answer goes to the application
+        known, other = post % 5 + b"\r\nknown", post % 5 + b"\r\nother"
+        answers = ask(known + other + known, count=3)
+        assert [body for _, body in answers] == [b"memo", b"app:5", b"app:5"] and len(bodies) == 3
+        assert ask(post % 5 + b"\r\nkn", b"own")[0][1] == b"memo"  # a body in parts: answered once it is in
+        gc.collect()
+        gc.disable()  # each answer frees its request at once, leaving nothing for the collector
+        try:
+            for _ in range(20):
+                ask(known), ask(other)
+            alive = sum(type(o) is RequestResponseCycle for o in gc.get_objects())
+        finally:
+            gc.enable()
+        assert alive <= 2, f"{alive} request cycles alive after 40 answered"
+        # a client that waits for 100 Continue hears it, from the application that then answers
+        (interim,) = ask(post % 5 + b"expect: 100-continue\r\n\r\n")
+        assert interim[0] == b"HTTP/1.1 100 Continue"
+        assert ask(b"known")[0][1] == b"app:5" and len(bodies) == 24
+        # a body too long to be a reused one goes to the application as it arrives
+        big = 4 << 20  # past what one read takes in: uvicorn stops reading until the application does
+        assert ask(post % big + b"\r\n" + b"k" * big)[0][1] == b"app:%d" % big
+        # a request that ends its connection: answered, marked so, and the connection closed at once
+        ((head, body),) = ask(post % 5 + b"connection: close\r\n\r\nknown")
+        sock.settimeout(2)  # uvicorn would close it after 5 idle seconds anyway
+        assert body == b"memo" and b"connection: close" in head and sock.recv(1) == b""
+    with _uvicorn(app, timeout_keep_alive=1) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(post % 5 + b"\r\nknown")
+            assert _read_answers(sock, 1)[0][1] == b"memo"
+            assert sock.recv(1) == b""  # the answer ended its cycle: the connection idles out after a second
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"POST /r HTTP/1.0\r\ncontent-length: 5\r\n\r\nknown")  # HTTP/1.0: no keep-alive
+            ((head, body),) = _read_answers(sock, 1)
+            assert head.startswith(b"HTTP/1.1 200") and body == b"memo" and sock.recv(1) == b""
 
 
 def test_unknown_paths_and_methods_are_json_errors(server):
