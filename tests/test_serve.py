@@ -675,7 +675,9 @@ def test_the_protocol_answers_a_reused_body_itself_and_the_application_everythin
         bodies.append(await read_body(receive, 8 << 20))
         return reply(200, b"app:%d" % len(bodies[-1]))
 
-    def reused(raw: bytes, started: float | None = None) -> Reply | None:
+    def reused(raw: bytes) -> Reply | None:
+        if raw == b"large":
+            return reply(200, b"x" * (4 << 20))
         return reply(200, b"memo", headers=((b"x-querycache-hits", b"1"),)) if raw == b"known" else None
 
     app = App({"/r": {"POST": echo}}, lambda: None, {"/r": reused})
@@ -717,6 +719,19 @@ def test_the_protocol_answers_a_reused_body_itself_and_the_application_everythin
         ((head, body),) = ask(post % 5 + b"connection: close\r\n\r\nknown")
         sock.settimeout(2)  # uvicorn would close it after 5 idle seconds anyway
         assert body == b"memo" and b"connection: close" in head and sock.recv(1) == b""
+        # a client that stops reading: once the server's writes back up, the application answers (and
+        # waits for the client), so that answers do not pile up in the server
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as deaf:
+            before = len(bodies)
+            for _ in range(20):  # each request on its own (not pipelined behind the one before)
+                deaf.sendall(post % 5 + b"\r\nlarge")
+                time.sleep(0.03)
+            deadline = time.monotonic() + 10
+            while len(bodies) == before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(bodies) > before
+            answers = _read_answers(deaf, 20)  # then every one is answered, in order, once the client reads
+            assert {body for _, body in answers} == {b"x" * (4 << 20), b"app:5"}
     with _uvicorn(app, timeout_keep_alive=1) as port:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(post % 5 + b"\r\nknown")
