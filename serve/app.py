@@ -10,7 +10,10 @@
   Prometheus text (``metrics.py``).
 
 Every answer carries ``x-querycache-hits`` (inputs answered from the snapshot) and
-``x-querycache-snapshot``. Errors are ``{"error", "error_type"}`` with TEI's status codes, and
+``x-querycache-snapshot``, and the answers of inputs TEI's headers of what they cost:
+``x-compute-characters``, ``x-queue-time`` and ``x-inference-time`` (ms the misses waited for and
+ran in their engine rounds, tokenizing included; 0 when the snapshot answered), ``x-compute-time``
+and ``x-total-time`` (ms, the same, as in TEI). Errors are ``{"error", "error_type"}`` with TEI's status codes, and
 ``{"error": {"message", "type", "param", "code"}}`` on OpenAI's routes; a request over the
 concurrency limit is answered 429 at once. Inputs longer than the model's maximum are truncated to
 it, as the pipeline does, unless the request says ``"truncate": false`` or the server's
@@ -53,7 +56,7 @@ import orjson
 
 from querycache.serve.metrics import Metrics
 from querycache.serve.service import Service
-from querycache.store.cache import Lookup
+from querycache.store.cache import Lookup, Partial
 from querycache.store.keys import is_query
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,9 @@ class ApiError(Exception):
         self.status, self.error_type, self.param = status, error_type, param
 
 
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
 class Reply(NamedTuple):
     """An HTTP answer: status, body and every header (:func:`reply` adds the content type and length).
 
@@ -87,7 +93,7 @@ class Reply(NamedTuple):
 
     status: int
     body: bytes
-    headers: tuple[tuple[bytes, bytes], ...]
+    headers: Headers
     reuse: tuple[str, int] | None = None
 
 
@@ -95,7 +101,7 @@ def reply(
     status: int,
     body: bytes,
     content_type: bytes = b"application/json",
-    headers: tuple[tuple[bytes, bytes], ...] = (),
+    headers: Headers = (),
     reuse: tuple[str, int] | None = None,
 ) -> Reply:
     """A :class:`Reply` of ``body`` with its content type and length, then ``headers``."""
@@ -307,8 +313,9 @@ def create_app(
         def wrap(handler: Callable[[dict], Awaitable[Reply]]) -> Handler:
             def done(answer: Reply, started: float) -> Reply:
                 metrics.request(method, started, None)
-                took = b"%d" % round((time.perf_counter() - started) * 1000)
-                return Reply(answer.status, answer.body, (*answer.headers, (b"x-total-time", took)), answer.reuse)
+                took = b"%d" % round((time.perf_counter() - started) * 1000)  # TEI's compute time is its total
+                timed = (*answer.headers, (b"x-compute-time", took), (b"x-total-time", took))
+                return Reply(answer.status, answer.body, timed, answer.reuse)
 
             def again(raw: bytes, started: float) -> Reply | None:
                 """The reply of ``raw`` again, counted, if the snapshot serving now answered it whole before."""
@@ -352,13 +359,22 @@ def create_app(
         if service.task != task:
             raise ApiError(424, "Backend", f"this server answers {service.task}: use {ROUTES[service.task]}")
 
-    async def answers(inputs: list[str], task: str, truncate: bool) -> Lookup:
+    def complete(partial: Partial) -> tuple[Lookup, tuple[float, float]]:
+        """``partial`` completed by the model (on a worker thread), and the seconds its misses waited
+        in the batcher's queue and ran for in its engine rounds."""
+        if service.batcher is None:
+            return service.cache.complete(partial), (0.0, 0.0)
+        with service.batcher.timed() as took:
+            found = service.cache.complete(partial)
+        return found, (took.queue, took.inference)
+
+    async def answers(inputs: list[str], task: str, truncate: bool) -> tuple[Lookup, Headers]:
         """The answers of ``inputs`` for a route of ``task``: hits from the snapshot, misses from the model
-        (None without one, and for a fill-mask template whose mask was cut)."""
+        (None without one, and for a fill-mask template whose mask was cut); and TEI's headers of
+        what they cost: characters, queue and inference milliseconds (0 where the snapshot answered)."""
         serving(task)
-        cache = service.cache
-        partial = cache.known(inputs)  # hits: microseconds, on the loop itself
-        found = await in_thread(cache.complete, partial) if partial.missing else cache.complete(partial)
+        partial = service.cache.known(inputs)  # hits: microseconds, on the loop itself
+        found, (queued, ran) = await in_thread(complete, partial) if partial.missing else complete(partial)
         for i, key in enumerate(found.keys):
             if not is_query(key):
                 raise ApiError(
@@ -374,7 +390,12 @@ def create_app(
                     "shorten it or send truncate: true",
                     "input",
                 )
-        return found
+        costs = (
+            (b"x-compute-characters", b"%d" % sum(map(len, inputs))),
+            (b"x-queue-time", b"%d" % round(queued * 1000)),
+            (b"x-inference-time", b"%d" % round(ran * 1000)),
+        )
+        return found, costs
 
     def missed(found: Lookup) -> list[int]:
         """Positions without an answer because no fallback model is loaded."""
@@ -413,11 +434,12 @@ def create_app(
         rows = iter(rows)
         return [None if r is None else next(rows) for r in found.results]
 
-    def answered(found: Lookup, body: bytes) -> Reply:
+    def answered(found: Lookup, body: bytes, costs: Headers) -> Reply:
         """The 200 of a lookup, with its headers; reusable where the snapshot answered every input."""
         headers = (
             (b"x-querycache-hits", b"%d" % found.hits),
             (b"x-querycache-snapshot", (found.snapshot_id or "").encode()),
+            *costs,
         )
         whole = found.snapshot_id is not None and found.hits == len(found.keys)
         return reply(200, body, headers=headers, reuse=(found.snapshot_id, found.hits) if whole else None)
@@ -426,12 +448,12 @@ def create_app(
     async def embed(body: dict) -> Reply:
         inputs = _inputs(body.get("inputs"), "inputs", limits)
         normalize_output = _flag(body, "normalize", True)
-        found = await answers(inputs, "embed", _flag(body, "truncate", limits.auto_truncate))
+        found, costs = await answers(inputs, "embed", _flag(body, "truncate", limits.auto_truncate))
         if found.hits == len(inputs):
-            return answered(found, snapshot_rows(found, normalize_output))
+            return answered(found, snapshot_rows(found, normalize_output), costs)
         vectors = stacked(found)
         vectors = unit(vectors) if normalize_output else vectors
-        return answered(found, _dumps(with_nulls(vectors, found) if missed(found) else vectors))
+        return answered(found, _dumps(with_nulls(vectors, found) if missed(found) else vectors), costs)
 
     @route("openai_embeddings", _openai_error)
     async def openai_embeddings(body: dict) -> Reply:
@@ -439,7 +461,7 @@ def create_app(
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
             raise ApiError(422, "Validation", "`encoding_format` must be float or base64", "encoding_format")
-        found = await answers(inputs, "embed", limits.auto_truncate)
+        found, costs = await answers(inputs, "embed", limits.auto_truncate)
         vectors = stacked(found)
         if missed(found):
             i = missed(found)[0]
@@ -455,21 +477,21 @@ def create_app(
         data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)]
         usage = {"prompt_tokens": sum(tokens), "total_tokens": sum(tokens)}
         answer = {"object": "list", "data": data, "model": body.get("model") or served_name, "usage": usage}
-        return answered(found, _dumps(answer))
+        return answered(found, _dumps(answer), costs)
 
     @route("predict", _tei_error)
     async def predict(body: dict) -> Reply:
         if _flag(body, "raw_scores", False):
             raise ApiError(422, "Validation", "snapshots hold probabilities, not raw scores", "raw_scores")
         inputs = _inputs(body.get("inputs"), "inputs", limits)
-        found = await answers(inputs, "classify", _flag(body, "truncate", limits.auto_truncate))
+        found, costs = await answers(inputs, "classify", _flag(body, "truncate", limits.auto_truncate))
         ranked = [
             None
             if r is None
             else [{"score": p, "label": label} for label, p in sorted(r["scores"].items(), key=lambda kv: -kv[1])]
             for r in found.results
         ]
-        return answered(found, _dumps(ranked[0] if isinstance(body["inputs"], str) else ranked))
+        return answered(found, _dumps(ranked[0] if isinstance(body["inputs"], str) else ranked), costs)
 
     @route("fill_mask", _tei_error)
     async def fill_mask(body: dict) -> Reply:
@@ -479,14 +501,14 @@ def create_app(
         top_k = body.get("top_k", stored)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 < top_k <= stored:
             raise ApiError(422, "Validation", f"`top_k` must be an integer from 1 to {stored}, what is stored", "top_k")
-        found = await answers(inputs, "fill-mask", _flag(body, "truncate", limits.auto_truncate))
+        found, costs = await answers(inputs, "fill-mask", _flag(body, "truncate", limits.auto_truncate))
         predictions = [  # per input: the top_k of each mask position (none where the template's mask was cut)
             [{**p, "position": j} for j, position in enumerate(r or []) for p in position[:top_k]]
             for r in found.results
         ]
         for i in missed(found):
             predictions[i] = None
-        return answered(found, _dumps(predictions))
+        return answered(found, _dumps(predictions), costs)
 
     async def models(receive: Callable) -> Reply:
         model = {"id": served_name, "object": "model", "created": 0, "owned_by": "querycache"}

@@ -9,11 +9,12 @@ its answers. Under load, rounds grow and the model runs full batches.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,14 @@ from querycache.inference import Engine
 
 log = logging.getLogger(__name__)
 _STOP = None
+
+
+@dataclass
+class Took:
+    """Seconds a request's misses waited in the queue and their engine rounds ran (tokenizing included)."""
+
+    queue: float = 0.0
+    inference: float = 0.0
 
 
 @dataclass
@@ -45,6 +54,7 @@ class Batcher:
         # requests queued for the next round)
         self.on_round: Callable[[int, int, float, list[float], int], None] | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._local = threading.local()  # the Took of a thread's :meth:`timed` block
         self._thread = threading.Thread(target=self._loop, name="querycache-batcher", daemon=True)
         self._thread.start()
 
@@ -52,7 +62,21 @@ class Batcher:
         """Answers for ``keys`` in order; blocks the calling thread until its round has run."""
         future: Future = Future()
         self._queue.put((keys, future, time.perf_counter()))
-        return future.result()
+        answers, queued, ran = future.result()
+        took = getattr(self._local, "took", None)
+        if took is not None:
+            took.queue += queued
+            took.inference += ran
+        return answers
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[Took]:
+        """What the calling thread's calls in the block waited for and ran for."""
+        self._local.took = took = Took()
+        try:
+            yield took
+        finally:
+            self._local.took = None
 
     def queued(self) -> int:
         """Requests waiting for a round."""
@@ -97,5 +121,5 @@ class Batcher:
             waits = [started - queued for _, _, queued in waiting]
             self.on_round(len(keys), stats.tokens, stats.seconds, waits, self.queued())
         answers = dict(zip(keys, results))
-        for wanted, future, _ in waiting:
-            future.set_result([answers[key] for key in wanted])
+        for wanted, future, queued in waiting:
+            future.set_result(([answers[key] for key in wanted], started - queued, stats.seconds))

@@ -107,9 +107,32 @@ def test_hits_are_the_snapshot_answers_and_say_so_in_headers(server, root):
         expected = [snap.get(q) for q in queries]
         assert response.headers["x-querycache-snapshot"] == snap.id
     assert response.headers["x-querycache-hits"] == "3"
+    # TEI's headers of the cost: the characters asked for, no queue or model time for hits
+    costs = {name: response.headers[f"x-{name}"] for name in ("compute-characters", "queue-time", "inference-time")}
+    assert costs == {"compute-characters": str(sum(map(len, queries))), "queue-time": "0", "inference-time": "0"}
+    assert response.headers["x-compute-time"] == response.headers["x-total-time"]
     np.testing.assert_allclose(response.json(), _unit(expected), rtol=1e-6, atol=1e-7)
     raw = server.post("/embed", json={"inputs": "red shoes", "normalize": False}).json()
     np.testing.assert_allclose(raw, [expected[2]], rtol=1e-6)
+
+
+def test_the_batcher_tells_a_thread_what_its_misses_waited_and_ran_for(tiny_bert):
+    from querycache.serve.batcher import Batcher
+
+    batcher = Batcher(Engine(EngineConfig(model_dir=str(tiny_bert), device="cpu")))
+    try:
+        with batcher.timed() as took:
+            assert len(batcher(["pizza recipe", "red shoes"])) == 2
+            first = took.inference
+            batcher(["blue shirt"])
+        assert 0 < first < took.inference and took.queue >= 0  # both rounds, added up
+        ran = took.inference
+        batcher(["after the block"])  # counted nowhere
+        with batcher.timed() as none:
+            pass
+        assert took.inference == ran and none.inference == none.queue == 0
+    finally:
+        batcher.close()
 
 
 def test_a_body_that_arrives_in_parts_is_read_whole(server):
@@ -126,6 +149,8 @@ def test_misses_come_from_the_snapshots_model_version(server, root, tiny_bert):
     assert engine.fingerprint == model["fingerprint"]
     response = server.post("/embed", json={"inputs": [MISSES[0], STORED[0], MISSES[1]]})
     assert response.status_code == 200 and response.headers["x-querycache-hits"] == "1"
+    took = {name: int(response.headers[f"x-{name}-time"]) for name in ("queue", "inference", "total")}
+    assert took["queue"] + took["inference"] <= took["total"] + 1  # parts of the whole, each rounded to ms
     got = _unit(response.json())
     want = _unit(engine([normalize(MISSES[0]), STORED[0], normalize(MISSES[1])]))
     assert (got * want).sum(axis=1).min() >= 0.999
