@@ -90,7 +90,7 @@ class OneWriteProtocol(HttpToolsProtocol):
             self.waiting = None
 
     def _reuse(self, cycle: RequestResponseCycle, app: Any, reused: Callable[[bytes], Reply | None]) -> None:
-        if cycle.disconnected:
+        if cycle.disconnected or self.transport.is_closing():  # gone since (uvicorn marks only its newest cycle)
             return
         # a client not reading its answers: the application's answer waits until it does
         answer = None if self.flow.write_paused else reused(bytes(cycle.body))
