@@ -13,11 +13,12 @@ Every answer carries ``x-querycache-hits`` (inputs answered from the snapshot) a
 ``x-querycache-snapshot``, and the answers of inputs TEI's headers of what they cost:
 ``x-compute-characters``, ``x-queue-time`` and ``x-inference-time`` (ms the misses waited for and
 ran in their engine rounds, tokenizing included; 0 when the snapshot answered), ``x-compute-time``
-and ``x-total-time`` (ms, the same, as in TEI). Errors are ``{"error", "error_type"}`` with TEI's status codes, and
-``{"error": {"message", "type", "param", "code"}}`` on OpenAI's routes; a request over the
-concurrency limit is answered 429 at once. Inputs longer than the model's maximum are truncated to
-it, as the pipeline does, unless the request says ``"truncate": false`` or the server's
-``auto_truncate`` is off and the request says nothing: then such an input is a 413 (TEI's rule).
+and ``x-total-time`` (ms, the same, as in TEI). Errors are ``{"error", "error_type"}`` with TEI's
+status codes, and ``{"error": {"message", "type", "param", "code"}}`` on OpenAI's routes; a
+request over the concurrency limit is answered 429 at once. Inputs longer than the model's maximum
+are truncated to it, as the pipeline does, unless the request says ``"truncate": false`` or the
+server's ``auto_truncate`` is off and the request says nothing: then such an input is a 413 (TEI's
+rule).
 
 Without a fallback model a miss has no answer: ``null`` in its place on TEI's routes (the request
 still answers its hits), a 404 ``not_in_snapshot`` on OpenAI's, whose ``usage`` then counts 0 tokens
@@ -374,7 +375,10 @@ def create_app(
         what they cost: characters, queue and inference milliseconds (0 where the snapshot answered)."""
         serving(task)
         partial = service.cache.known(inputs)  # hits: microseconds, on the loop itself
-        found, (queued, ran) = await in_thread(complete, partial) if partial.missing else complete(partial)
+        if partial.missing:
+            found, (queued, ran) = await in_thread(complete, partial)
+        else:
+            found, queued, ran = service.cache.complete(partial), 0.0, 0.0
         for i, key in enumerate(found.keys):
             if not is_query(key):
                 raise ApiError(
